@@ -1,0 +1,14 @@
+"""sbert-bundle runtime: load a bundle built by the sbert-bundle pipeline and encode sentences.
+
+Needs numpy, tokenizers and onnxruntime (TensorRT optional); never torch.
+
+    from sbert_bundle import Bundle
+    bundle = Bundle.load("artifacts/bundle")          # best variant that runs here
+    embeddings = bundle.encode(["a sentence", "another"])
+"""
+
+from .bundle import Bundle, VariantError
+from .head import HeadError
+from .manifest import IntegrityError
+
+__all__ = ["Bundle", "VariantError", "IntegrityError", "HeadError"]

@@ -1,0 +1,182 @@
+"""Load a bundle and encode sentences the way sentence-transformers would."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .backends import open_backend, pick_device
+from .head import load_head
+from .manifest import MANIFEST_FILE, check_integrity, read_manifest
+from .tokenization import TOKENIZER_FILE, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "verify.json"
+# Without a verify report, CPU variants are preferred in this order (the most exact first).
+CPU_PREFERENCE = ("fp32-fused", "fp32", "int8")
+# On a GPU: a TensorRT plan first, then the fused fp16 graph on onnxruntime CUDA.
+GPU_PREFERENCE = ("fp16-fused", "fp16", "fp32-fused", "fp32")
+
+
+class VariantError(LookupError):
+    """The requested variant is unknown or cannot run here; lists what can."""
+
+
+def _extract_tarball(path: Path) -> tuple[Path, tempfile.TemporaryDirectory]:
+    tmp = tempfile.TemporaryDirectory(prefix="sbert-bundle-")
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp.name, filter="data")
+    manifests = sorted(Path(tmp.name).rglob(MANIFEST_FILE), key=lambda p: len(p.parts))
+    if not manifests:
+        tmp.cleanup()
+        raise FileNotFoundError(f"{path} holds no {MANIFEST_FILE}: not a bundle archive")
+    return manifests[0].parent, tmp
+
+
+def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | None, str]]:
+    """Every variant as (name, device or None, why), best first for `variant=None`."""
+    variants = manifest.get("variants", {})
+    placed = {name: pick_device(v) for name, v in variants.items()}
+    passed = None
+    if report:
+        passed = {name: r for name, r in report.get("variants", {}).items() if r.get("passed")}
+
+    def key(name: str):
+        device, _ = placed[name]
+        v = variants[name]
+        if device is None:
+            return (9, 0.0, name)
+        if v["backend"] == "tensorrt":
+            return (0, 0.0, name)
+        if device == "cuda":
+            return (1, GPU_PREFERENCE.index(name) if name in GPU_PREFERENCE else 9, name)
+        if v.get("precision") == "fp16":  # runs on CPU, but only for checking: never chosen first
+            return (8, 0.0, name)
+        if passed is not None:
+            if name not in passed:
+                return (7, 0.0, name)
+            return (2, -passed[name].get("sentences_per_s", 0.0), name)
+        return (3, CPU_PREFERENCE.index(name) if name in CPU_PREFERENCE else 9, name)
+
+    ranked = []
+    for name in sorted(variants, key=key):
+        device, reason = placed[name]
+        if device is not None and passed is not None and name not in passed and variants[name]["backend"] != "tensorrt":
+            reason = "did not pass its verify gates"
+        ranked.append((name, device, reason))
+    return ranked
+
+
+class Bundle:
+    """A loaded bundle variant. `encode` is safe to call from several threads at once."""
+
+    def __init__(self, root: Path, manifest: dict, variant: str, device: str, threads: int | None = None,
+                 report: dict | None = None, _tmp=None):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.variant = variant
+        self.device = device
+        self.report = report
+        self._tmp = _tmp  # keeps an extracted archive alive as long as the bundle
+        self.head = load_head(self.root)
+        self.tokenizer = TextTokenizer(self.root / TOKENIZER_FILE, self.head)
+        self.backend = open_backend(self.root, manifest["variants"][variant], device, threads)
+        self.embedding_dimension = self.head.embedding_dimension
+
+    @classmethod
+    def load(cls, path: str | Path, variant: str | None = None, threads: int | None = None,
+             verify_integrity: bool = True) -> "Bundle":
+        """Open a bundle folder or .tar.gz, check every file against the manifest, pick a variant.
+
+        variant: a name from the manifest (`fp32`, `fp16-fused`, `int8`, a TensorRT plan…) or
+        None for the best one that runs here.
+        """
+        path = Path(path)
+        tmp = None
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            root, tmp = _extract_tarball(path)
+        elif path.is_dir():
+            root = path
+        else:
+            raise FileNotFoundError(f"{path}: no such bundle folder or archive")
+        manifest = read_manifest(root)
+        if verify_integrity:
+            check_integrity(root, manifest)
+        report = None
+        if (root.parent / REPORT_FILE).is_file() and tmp is not None:  # a sealed release
+            report = json.loads((root.parent / REPORT_FILE).read_text())
+        ranked = rank_variants(manifest, report)
+        runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
+        if variant is None:
+            if not runnable:
+                raise VariantError(_explain(f"no variant of {root} runs here", ranked))
+            variant, device = runnable[0]
+        else:
+            if variant not in manifest.get("variants", {}):
+                raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))
+            device = dict((n, d) for n, d, _ in ranked)[variant]
+            if device is None:
+                raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
+        log.info("bundle %s: using variant %s on %s", root, variant, device)
+        return cls(root, manifest, variant, device, threads, report, tmp)
+
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings as float32 (n, dim), in input order; a single string gives (dim,)."""
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        for i, s in enumerate(items):
+            if not isinstance(s, str):
+                raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(items), self.embedding_dimension), dtype=np.float32)
+        # Longest first, as sentence-transformers does: similar lengths share a batch.
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        for start in range(0, len(items), batch_size):
+            idx = order[start:start + batch_size]
+            features = self.tokenizer([items[i] for i in idx])
+            tokens = self.backend(features)
+            out[idx] = self.head(tokens, features["attention_mask"])
+        return out[0] if single else out
+
+    def describe(self) -> dict:
+        """What `sbert-bundle inspect` prints: manifest summary and the variant choice here."""
+        ranked = rank_variants(self.manifest, self.report)
+        return {
+            "name": self.manifest.get("name"),
+            "version": self.manifest.get("version"),
+            "created": self.manifest.get("created"),
+            "source": {k: self.manifest.get("source", {}).get(k) for k in ("kind", "id", "revision")},
+            "embedding_dimension": self.embedding_dimension,
+            "max_seq_length": self.head.max_seq_length,
+            "selected": {"variant": self.variant, "device": self.device},
+            "variants": [
+                {"name": n, "runs_here": d is not None and not r, "device": d, "why_not": r or None,
+                 **{k: self.manifest["variants"][n].get(k) for k in ("file", "backend", "precision", "fused")}}
+                for n, d, r in ranked
+            ],
+            "verify": self.report,
+        }
+
+
+def _explain(head: str, ranked) -> str:
+    lines = [head + "; variants in this bundle:"]
+    for name, device, reason in ranked:
+        lines.append(f"  {name}: " + (f"runs here on {device}" if device and not reason else f"not usable: {reason}"))
+    return "\n".join(lines)
+
+
+def extract_to(archive: Path, dest: Path) -> Path:
+    """Unpack a bundle archive into dest (used by tests and the CLI)."""
+    root, tmp = _extract_tarball(archive)
+    shutil.copytree(root, dest)
+    tmp.cleanup()
+    return dest

@@ -1,0 +1,113 @@
+"""What every stage shares: params, logging, atomic outputs, one way to fail."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path("artifacts")
+PARAMS_FILE = Path("params.yaml")
+
+log = logging.getLogger("stages")
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on; the message names the file or value at fault."""
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path} not found: run stages from the repository root") from None
+
+
+def params_digest(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path: Path, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path, what: str = "file") -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"{what} {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise StageError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside target; it replaces target only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside target; it replaces target only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.chmod(0o644)  # mkstemp makes 0600
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def progress_enabled() -> bool:
+    return logging.getLogger().isEnabledFor(logging.INFO) and not os.environ.get("SBERT_BUNDLE_QUIET")
+
+
+def stage_main(description: str, body: Callable[[argparse.Namespace], None],
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse --help/--quiet, set up logging, run body, turn expected failures into exit 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quiet:
+        os.environ["SBERT_BUNDLE_QUIET"] = "1"
+    try:
+        body(args)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

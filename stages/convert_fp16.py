@@ -1,0 +1,102 @@
+"""Stage `convert_fp16`: FP16 copies of the plain and fused graphs (onnxconverter-common).
+
+Reads artifacts/onnx/, writes artifacts/fp16/:
+  model_fp16.onnx, model_fp16_fused.onnx   inputs/outputs keep their types (keep_io_types)
+  report.json                              parity against fp32, or why it could not run here
+Op types or node names that overflow in fp16 can be kept in fp32 through conf/fp16/.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+from .export_onnx import validation_batches
+
+log = logging.getLogger("stages.convert_fp16")
+ONNX = ARTIFACTS / "onnx"
+SPLIT = ARTIFACTS / "split"
+OUT = ARTIFACTS / "fp16"
+PAIRS = {"fp16": ("model.onnx", "model_fp16.onnx"), "fp16-fused": ("model_fused.onnx", "model_fp16_fused.onnx")}
+
+
+def convert(src: Path, dest: Path, cfg: dict) -> None:
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    model16 = float16.convert_float_to_float16(
+        model, keep_io_types=cfg["keep_io_types"], op_block_list=cfg["op_block_list"],
+        node_block_list=cfg["node_block_list"] or None)
+    onnx.save(model16, str(dest))
+
+
+def token_cosines(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Cosine per non-padding token between two (batch, seq, dim) outputs."""
+    a, b = a[mask.astype(bool)], b[mask.astype(bool)]
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def parity(fp32: Path, fp16: Path, batches: list[dict], min_cos: float, name: str) -> dict:
+    """Compare on CPU; a graph the CPU provider cannot run is recorded, not failed."""
+    import onnxruntime as ort
+
+    try:
+        s16 = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return {"checked": False, "reason": f"onnxruntime CPU cannot run {fp16.name}: {str(e).splitlines()[0]}"}
+    s32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    names = [i.name for i in s32.get_inputs()]
+    cosines, max_diff = [], 0.0
+    for b in batches:
+        feed = {n: b[n] for n in names}
+        out32, out16 = s32.run(None, feed)[0], s16.run(None, feed)[0].astype(np.float32)
+        if not np.isfinite(out16).all():
+            raise StageError(f"{name}: {fp16.name} produced inf/NaN on batch {b['input_ids'].shape} (fp16 "
+                             "overflow): keep the overflowing ops in fp32 via fp16.op_block_list / node_block_list")
+        cosines.append(token_cosines(out32, out16, b["attention_mask"]))
+        max_diff = max(max_diff, float(np.abs(out32 - out16).max()))
+    worst = float(np.concatenate(cosines).min())
+    if worst < min_cos:
+        raise StageError(f"{name}: min token cosine vs fp32 {worst:.6f} < {min_cos} (fp16.parity.min_token_cosine); "
+                         "keep sensitive ops in fp32 via fp16.op_block_list / node_block_list")
+    return {"checked": True, "device": "cpu", "min_token_cosine": worst, "max_abs_diff": max_diff}
+
+
+def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from sbert_bundle.head import load_head
+
+    tokenizer = AutoTokenizer.from_pretrained(split_dir / "transformer")
+    batches = validation_batches(tokenizer, load_head(split_dir / "modules").max_seq_length,
+                                 {"batch_sizes": [3], "lengths": [4, 40, 400]})
+    report = {}
+    for name, (src, dest) in PAIRS.items():
+        if not (onnx_dir / src).is_file():
+            log.info("%s: no %s, skipped", name, src)
+            continue
+        log.info("%s: converting %s", name, src)
+        convert(onnx_dir / src, out_dir / dest, cfg)
+        report[name] = {"file": dest, "source": src,
+                        "parity": parity(onnx_dir / src, out_dir / dest, batches,
+                                         cfg["parity"]["min_token_cosine"], name)}
+        log.info("%s: %s", name, report[name]["parity"])
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+def main() -> None:
+    def body(args):
+        cfg = load_params(args.params)["fp16"]
+        with atomic_dir(OUT) as tmp:
+            run(cfg, ONNX, SPLIT, tmp)
+
+    stage_main(__doc__.splitlines()[0], body)
+
+
+if __name__ == "__main__":
+    main()

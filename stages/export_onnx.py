@@ -1,0 +1,156 @@
+"""Stage `export_onnx`: the Transformer to ONNX fp32, validated against PyTorch, plus a fused graph.
+
+Reads artifacts/split/ (transformer/ and head.json's max_seq_length), writes artifacts/onnx/:
+  model.onnx        fp32, dynamic batch and sequence axes, inputs exactly the tokenizer's
+  model_fused.onnx  the same after onnxruntime's transformer optimizer (Attention, LayerNorm… fused)
+  report.json       input names, validation results, fusion statistics
+The model is loaded with attn_implementation="eager": the SDPA graph does not fuse.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+
+log = logging.getLogger("stages.export_onnx")
+SPLIT = ARTIFACTS / "split"
+OUT = ARTIFACTS / "onnx"
+OUTPUT_NAME = "last_hidden_state"
+
+
+class ValidationError(StageError):
+    """One or more exported outputs differ from PyTorch beyond tolerance."""
+
+
+def validation_batches(tokenizer, max_len: int, cfg: dict) -> list[dict]:
+    """Padded batches of several sizes and lengths (one longer than max_len, so truncated)."""
+    words = "the model turns this sentence into numbers while padding and truncation are tested".split()
+    batches = []
+    for size in cfg["batch_sizes"]:
+        for length in cfg["lengths"]:
+            texts = [" ".join(words[j % len(words)] for j in range(max(1, length - 7 * i))) for i in range(size)]
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+            batches.append({k: v.astype(np.int64) for k, v in enc.items()})
+    return batches
+
+
+def compare(name: str, ort_out: dict, ref: np.ndarray, atol: float, case: str) -> list[str]:
+    """Names, then shapes, then values: each failure as one line."""
+    if name not in ort_out:
+        return [f"{case}: output {name!r} missing; graph has {sorted(ort_out)}"]
+    got = ort_out[name]
+    if got.shape != ref.shape:
+        return [f"{case}: {name} shape {got.shape}, PyTorch {ref.shape}"]
+    diff = float(np.abs(got.astype(np.float32) - ref).max())
+    return [] if diff <= atol else [f"{case}: {name} max |diff| {diff:.3g} > atol {atol:g}"]
+
+
+def validate(session, torch_model, input_names: list[str], batches: list[dict], atol: float, label: str) -> dict:
+    import torch
+
+    failures, worst = [], 0.0
+    for b in batches:
+        feed = {n: b[n] for n in input_names}
+        case = f"{label} batch {tuple(b['input_ids'].shape)}"
+        with torch.no_grad():
+            ref = torch_model(*(torch.from_numpy(feed[n]) for n in input_names)).numpy()
+        outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        failures += compare(OUTPUT_NAME, outs, ref, atol, case)
+        if OUTPUT_NAME in outs and outs[OUTPUT_NAME].shape == ref.shape:
+            worst = max(worst, float(np.abs(outs[OUTPUT_NAME] - ref).max()))
+    if failures:
+        raise ValidationError(f"{label} graph differs from PyTorch:\n  " + "\n  ".join(failures))
+    return {"cases": [list(b["input_ids"].shape) for b in batches], "max_abs_diff": worst, "atol": atol}
+
+
+def export(model_dir: Path, out_path: Path, opset: int):
+    """Export; returns (wrapped torch model, input names)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    accepted = inspect.signature(model.forward).parameters
+    input_names = [n for n in tokenizer.model_input_names if n in accepted]
+    if "input_ids" not in input_names:
+        raise StageError(f"{model_dir}: model {type(model).__name__} does not take input_ids from its tokenizer")
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            return self.model(**dict(zip(input_names, inputs))).last_hidden_state
+
+    wrapped = LastHiddenState().eval()
+    sample = tokenizer(["a short one", "and a somewhat longer example sentence"], padding=True, return_tensors="pt")
+    axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    axes[OUTPUT_NAME] = {0: "batch", 1: "sequence"}
+    try:
+        torch.onnx.export(wrapped, tuple(sample[n] for n in input_names), str(out_path), input_names=input_names,
+                          output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+        raise StageError(f"cannot export {arch} ({model.config.model_type}) from {model_dir} to ONNX: "
+                         f"{type(e).__name__}: {e}") from None
+    return wrapped, tokenizer, input_names
+
+
+def fuse(plain: Path, out_path: Path, cfg: dict, config) -> dict:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(plain), model_type=cfg["model_type"],
+                         num_heads=cfg["num_heads"] or config.num_attention_heads,
+                         hidden_size=cfg["hidden_size"] or config.hidden_size,
+                         opt_level=cfg["opt_level"], use_gpu=False)
+    opt.save_model_to_file(str(out_path))
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    log.info("fused graph: %s", stats)
+    return stats
+
+
+def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    from sbert_bundle.head import load_head
+
+    model_dir = split_dir / "transformer"
+    max_len = load_head(split_dir / "modules").max_seq_length
+    plain, fused = out_dir / "model.onnx", out_dir / "model_fused.onnx"
+    log.info("exporting %s (opset %d)", model_dir, cfg["opset"])
+    torch_model, tokenizer, input_names = export(model_dir, plain, cfg["opset"])
+    onnx.checker.check_model(str(plain))
+    batches = validation_batches(tokenizer, max_len, cfg["validation"])
+    cpu = ["CPUExecutionProvider"]
+    report = {"input_names": input_names, "output_names": [OUTPUT_NAME], "opset": cfg["opset"]}
+    report["validation"] = {"fp32": validate(ort.InferenceSession(str(plain), providers=cpu), torch_model,
+                                             input_names, batches, cfg["atol"], "fp32")}
+    log.info("fp32 matches PyTorch: max |diff| %.2g", report["validation"]["fp32"]["max_abs_diff"])
+    if cfg["fused"]["enabled"]:
+        report["fusion"] = fuse(plain, fused, cfg["fused"], torch_model.model.config)
+        report["validation"]["fp32-fused"] = validate(ort.InferenceSession(str(fused), providers=cpu), torch_model,
+                                                      input_names, batches, cfg["fused"]["atol"], "fp32-fused")
+        log.info("fused matches PyTorch: max |diff| %.2g", report["validation"]["fp32-fused"]["max_abs_diff"])
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+def main() -> None:
+    def body(args):
+        cfg = load_params(args.params)["export"]
+        with atomic_dir(OUT) as tmp:
+            run(cfg, SPLIT, tmp)
+
+    stage_main(__doc__.splitlines()[0], body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Stage `split`: cut a sentence-transformers model at its Transformer by modules.json.
+
+Reads artifacts/source/model/ and writes artifacts/split/:
+  transformer/   the Hugging Face model + tokenizer (with tokenizer.json) to export
+  modules/       files that go verbatim into the bundle root: head.json and the Dense
+                 weights it points at (read by sbert_bundle), plus the sentence-transformers
+                 configuration (modules.json, sentence_bert_config.json, 1_Pooling/…,
+                 2_Dense/…) so that sentence-transformers can load the bundle as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sbert_bundle.head import HEAD_FILE, Dense, Head, Normalize, Pooling
+
+from .common import ARTIFACTS, StageError, atomic_dir, load_params, read_json, stage_main, write_json
+
+log = logging.getLogger("stages.split")
+SOURCE = ARTIFACTS / "source" / "model"
+OUT = ARTIFACTS / "split"
+
+SUPPORTED = ("Transformer", "Pooling", "Dense", "Normalize")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+ST_CONFIG_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
+# sentence-transformers' legacy pooling flags, in the order it concatenates them.
+LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.modules.activation.GELU": "gelu",
+}
+
+
+def read_modules(model_dir: Path) -> list[dict]:
+    """modules.json entries, each with 'kind' (short type) and a checked 'dir'."""
+    path = model_dir / "modules.json"
+    entries = read_json(path, "modules.json")
+    if not isinstance(entries, list) or not entries:
+        raise StageError(f"{path} must be a non-empty JSON list of modules")
+    root = model_dir.resolve()
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "type" not in entry or "path" not in entry:
+            raise StageError(f"{path} entry {i} lacks 'type' or 'path': {entry!r}")
+        kind = entry["type"].rsplit(".", 1)[-1]
+        if not entry["type"].startswith("sentence_transformers.") or kind not in SUPPORTED:
+            raise StageError(f"{path} entry {i} has type {entry['type']!r}; supported: {', '.join(SUPPORTED)}")
+        folder = (model_dir / entry["path"]).resolve()
+        if folder != root and root not in folder.parents:
+            raise StageError(f"{path} entry {i} path {entry['path']!r} leaves the model folder {model_dir}")
+        out.append({**entry, "kind": kind, "dir": folder})
+    if out[0]["kind"] != "Transformer" or any(e["kind"] == "Transformer" for e in out[1:]):
+        raise StageError(f"{path}: expected one Transformer module, first; got {[e['kind'] for e in out]}")
+    return out
+
+
+def split_transformer(folder: Path, dest: Path) -> dict:
+    """Copy the Transformer module, normalise its tokenizer, return tokenization settings."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise StageError(f"{folder / 'config.json'} missing: the Transformer module needs its model config")
+    if not any((folder / w).is_file() for w in WEIGHT_FILES):
+        raise StageError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+    dest.mkdir(parents=True)
+    for f in folder.iterdir():
+        if f.is_file() and f.name != "modules.json":
+            shutil.copy2(f, dest / f.name)
+    try:
+        config = AutoConfig.from_pretrained(dest)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise StageError(f"{folder / 'config.json'} cannot be read by transformers: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(dest)
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"tokenizer files missing or unreadable in {folder} (expected tokenizer.json, or "
+                         f"tokenizer_config.json with vocab.txt / sentencepiece files): {e}") from None
+    tokenizer.save_pretrained(dest)
+    if not (dest / "tokenizer.json").is_file():
+        raise StageError(f"the tokenizer in {folder} has no fast (tokenizers) version; sbert_bundle needs one")
+    st_cfg = read_json(folder / "sentence_bert_config.json", "sentence_bert_config.json") \
+        if (folder / "sentence_bert_config.json").is_file() else {}
+    max_len = st_cfg.get("max_seq_length")
+    if max_len is None:  # sentence-transformers caps the tokenizer's length at the position table
+        max_len = tokenizer.model_max_length
+        if getattr(config, "max_position_embeddings", -1) not in (None, -1):
+            max_len = min(max_len, config.max_position_embeddings)
+    if tokenizer.pad_token is None:
+        raise StageError(f"the tokenizer in {folder} has no pad token; batching needs one")
+    return {
+        "max_seq_length": int(max_len),
+        "do_lower_case": bool(st_cfg.get("do_lower_case", False)),
+        "hidden_size": int(config.hidden_size),
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "padding_side": tokenizer.padding_side,
+    }
+
+
+def pooling_from(folder: Path, index: int) -> Pooling:
+    cfg = read_json(folder / "config.json", f"Pooling config (modules.json entry {index})")
+    dim = cfg.get("embedding_dimension", cfg.get("word_embedding_dimension"))
+    if "pooling_mode" in cfg:
+        modes = cfg["pooling_mode"]
+        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    else:
+        modes = tuple(mode for key, mode in LEGACY_POOLING.items() if cfg.get(key)) or ("mean",)
+    try:
+        return Pooling(int(dim), modes, bool(cfg.get("include_prompt", True)))
+    except ValueError as e:
+        raise StageError(f"{folder / 'config.json'}: {e}") from None
+
+
+def dense_from(folder: Path, index: int, dest: Path) -> Dense:
+    cfg = read_json(folder / "config.json", f"Dense config (modules.json entry {index})")
+    act_name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act_name not in ACTIVATIONS:
+        raise StageError(f"{folder / 'config.json'} activation_function {act_name!r} unsupported; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
+    if (folder / "model.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        state = load_file(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").is_file():
+        import torch
+
+        state = {k: v.numpy() for k, v in torch.load(folder / "pytorch_model.bin", weights_only=True).items()}
+    else:
+        raise StageError(f"no weights in Dense folder {folder}: expected model.safetensors or pytorch_model.bin")
+    if "linear.weight" not in state:
+        raise StageError(f"Dense weights in {folder} lack 'linear.weight' (have {sorted(state)})")
+    rel = f"head/{folder.name}"
+    (dest / rel).mkdir(parents=True)
+    np.save(dest / rel / "weight.npy", state["linear.weight"].astype(np.float32))
+    bias_file = None
+    if cfg.get("bias", True) and "linear.bias" in state:
+        bias_file = f"{rel}/bias.npy"
+        np.save(dest / bias_file, state["linear.bias"].astype(np.float32))
+    try:
+        return Dense(int(cfg["in_features"]), int(cfg["out_features"]), ACTIVATIONS[act_name],
+                     state["linear.weight"].astype(np.float32),
+                     None if bias_file is None else state["linear.bias"].astype(np.float32),
+                     f"{rel}/weight.npy", bias_file)
+    except ValueError as e:
+        raise StageError(f"Dense module {folder}: {e}") from None
+
+
+def run(model_dir: Path, out_dir: Path) -> Head:
+    entries = read_modules(model_dir)
+    settings = split_transformer(entries[0]["dir"], out_dir / "transformer")
+    modules_dir = out_dir / "modules"
+    modules_dir.mkdir()
+    head_modules = []
+    st_modules = [{"idx": 0, "name": entries[0].get("name", "0"), "path": "",
+                   "type": entries[0]["type"]}]
+    for i, e in enumerate(entries[1:], start=1):
+        if e["kind"] == "Pooling":
+            head_modules.append(pooling_from(e["dir"], i))
+        elif e["kind"] == "Dense":
+            head_modules.append(dense_from(e["dir"], i, modules_dir))
+        else:
+            head_modules.append(Normalize())
+        # the sentence-transformers copy of this module, for loading the bundle with it
+        rel = Path(e["path"]).as_posix()
+        if e["dir"].is_dir():
+            shutil.copytree(e["dir"], modules_dir / rel, dirs_exist_ok=True)
+        st_modules.append({"idx": i, "name": e.get("name", str(i)), "path": rel, "type": e["type"]})
+    write_json(modules_dir / "modules.json", st_modules)
+    for name in ST_CONFIG_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, modules_dir / name)
+    head = Head(modules=tuple(head_modules), **settings)
+    pooled = [m for m in head_modules if isinstance(m, Pooling)]
+    if pooled and pooled[0].embedding_dimension != head.hidden_size:
+        raise StageError(f"Pooling embedding_dimension {pooled[0].embedding_dimension} differs from the "
+                         f"Transformer hidden_size {head.hidden_size}")
+    head.save(modules_dir)
+    return head
+
+
+def main() -> None:
+    def body(args):
+        load_params(args.params)
+        with atomic_dir(OUT) as tmp:
+            head = run(SOURCE, tmp)
+        log.info("split: transformer + %s (dim %d, max_seq_length %d)",
+                 [type(m).__name__ for m in head.modules], head.embedding_dimension, head.max_seq_length)
+
+    stage_main(__doc__.splitlines()[0], body)
+
+
+if __name__ == "__main__":
+    main()
