@@ -1,0 +1,91 @@
+"""`sbert-bundle` command line: encode sentences with a bundle, or inspect one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, VariantError
+from .head import HeadError
+from .manifest import IntegrityError
+
+
+def _encode(args) -> None:
+    source = open(args.input, encoding="utf-8") if args.input != "-" else sys.stdin
+    with source:
+        sentences = [line.rstrip("\n").rstrip("\r") for line in source]
+    bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads)
+    emb = bundle.encode(sentences, batch_size=args.batch_size)
+    if args.output and args.output.endswith(".npy"):
+        np.save(args.output, emb)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
+              f"(variant {bundle.variant} on {bundle.device})", file=sys.stderr)
+        return
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row in emb:
+            out.write(json.dumps([round(float(x), 7) for x in row]) + "\n")
+    finally:
+        if args.output:
+            out.close()
+
+
+def _inspect(args) -> None:
+    bundle = Bundle.load(args.bundle, variant=args.variant)
+    info = bundle.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['name']} {info['version']}  (created {info['created']})")
+    src = info["source"]
+    print(f"source: {src['kind']} {src['id']} @ {src['revision']}")
+    print(f"embedding dimension {info['embedding_dimension']}, max_seq_length {info['max_seq_length']}")
+    print(f"selected here: {info['selected']['variant']} on {info['selected']['device']}")
+    print("variants (best first):")
+    for v in info["variants"]:
+        state = f"runs here on {v['device']}" if v["runs_here"] else f"not used: {v['why_not']}"
+        print(f"  {v['name']:<14} {v['backend']:<12} {v['precision']:<5} {v['file']:<32} {state}")
+    if info["verify"]:
+        print("verify report (sealed release):")
+        for name, m in info["verify"].get("variants", {}).items():
+            print(f"  {name:<14} min cos {m['min_cosine']:.6f}  {m['sentences_per_s']:.0f} sent/s "
+                  f"({m['speedup']:.2f}x PyTorch)  {'passed' if m['passed'] else 'FAILED'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sbert-bundle", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log which variant is picked and why")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enc = sub.add_parser("encode", help="embed sentences, one per line, from a file or stdin")
+    enc.add_argument("bundle", help="bundle folder or .tar.gz")
+    enc.add_argument("-i", "--input", default="-", help="text file, one sentence per line (default: stdin)")
+    enc.add_argument("-o", "--output", help="FILE.npy for a float32 array, else JSON lines (default: stdout)")
+    enc.add_argument("--variant", help="variant name from the manifest (default: best that runs here)")
+    enc.add_argument("--batch-size", type=int, default=32)
+    enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    enc.set_defaults(func=_encode)
+
+    ins = sub.add_parser("inspect", help="manifest, variants, which one runs here and why")
+    ins.add_argument("bundle", help="bundle folder or .tar.gz")
+    ins.add_argument("--variant", help="show the choice for this variant instead of the best")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=_inspect)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (IntegrityError, VariantError, HeadError, FileNotFoundError) as e:
+        print(f"sbert-bundle: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""TensorRT backend: run a plan built by `stages.build_trt` (optional: tensorrt + cuda-python).
+
+A plan only runs on the GPU model and TensorRT version it was built for (unless it was
+built hardware- or version-compatible); `plan_compatibility` checks that before loading.
+Install on a GPU machine:  pip install tensorrt-cu12 cuda-python
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def gpu_here() -> dict:
+    cudart = _cudart()
+    if _check(cudart.cudaGetDeviceCount()) < 1:
+        raise RuntimeError("no CUDA device")
+    props = _check(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def plan_compatibility(variant: dict) -> tuple[str | None, str]:
+    """("cuda", "") when the plan can run here, else (None, reason)."""
+    meta = variant.get("tensorrt", {})
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None, "TensorRT is not installed here (pip install tensorrt-cu12 cuda-python on a GPU machine)"
+    try:
+        here = gpu_here()
+    except Exception as e:  # noqa: BLE001 - missing cuda-python, driver or device
+        return None, f"no usable CUDA GPU ({type(e).__name__}: {e})"
+    flags = set(meta.get("flags", []))
+    if "VERSION_COMPATIBLE" not in flags and trt.__version__ != meta.get("tensorrt_version"):
+        return None, f"plan built with TensorRT {meta.get('tensorrt_version')}, this is {trt.__version__}"
+    if "HARDWARE_COMPATIBLE_AMPERE_PLUS" not in flags and (here["gpu"], here["compute_capability"]) != (
+            meta.get("gpu"), meta.get("compute_capability")):
+        return None, (f"plan built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), "
+                      f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
+    return "cuda", ""
+
+
+class TrtBackend:
+    """Deserialize a plan, pick the optimization profile by input shape, run on device buffers."""
+
+    def __init__(self, path: Path, variant: dict):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.cudart = _cudart()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {path}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.profile = -1
+        self.lock = threading.Lock()  # one execution context: calls take turns
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def _pick_profile(self, shape: tuple[int, int]) -> int:
+        for idx in range(self.engine.num_optimization_profiles):
+            lo, _, hi = self.engine.get_tensor_profile_shape(self.input_names[0], idx)
+            if all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return idx
+        raise ValueError(f"input shape {shape} fits none of the plan's optimization profiles")
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(self.cudart.cudaFree(ptr))
+            ptr = _check(self.cudart.cudaMalloc(nbytes))
+            self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        cudart = self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        shape = inputs["input_ids"].shape
+        with self.lock:
+            profile = self._pick_profile(shape)
+            if profile != self.profile:
+                self.context.set_optimization_profile_async(profile, self.stream)
+                self.profile = profile
+            for name in self.input_names:
+                arr = np.ascontiguousarray(inputs[name].astype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
+                ptr = self._buffer(name, arr.nbytes)
+                _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+                self.context.set_input_shape(name, arr.shape)
+                self.context.set_tensor_address(name, ptr)
+            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+            out = np.empty(out_shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+            out_ptr = self._buffer(self.output_name, out.nbytes)
+            self.context.set_tensor_address(self.output_name, out_ptr)
+            if not self.context.execute_async_v3(self.stream):
+                raise RuntimeError("TensorRT execution failed")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, out_ptr, out.nbytes, d2h, self.stream))
+            _check(cudart.cudaStreamSynchronize(self.stream))
+        return out.astype(np.float32, copy=False)

@@ -1,0 +1,160 @@
+"""Stage `build_trt`: TensorRT plans from the ONNX graph (TensorRT 10 Python API).
+
+Reads artifacts/onnx/model.onnx (fp32 graph, built with the FP16 flag and overflow-prone
+layers pinned to fp32) and writes artifacts/trt/:
+  <variant>.plan   one plan holding every optimization profile of conf/trt/profiles
+  build.json       plans with their metadata (TensorRT version, GPU, compute capability,
+                   profiles, flags), or `skipped` with the reason when TensorRT or a GPU is absent
+The timing cache (trt.timing_cache) is read before and written after each build, so
+rebuilds reuse measured tactics; DVC keeps it between runs (persist).
+
+Where TensorRT exists:  pip install tensorrt-cu12 (or -cu13), then `dvc repro build_trt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
+
+log = logging.getLogger("stages.build_trt")
+ONNX = ARTIFACTS / "onnx" / "model.onnx"
+OUT = ARTIFACTS / "trt"
+
+
+def availability() -> tuple[object | None, str]:
+    """(tensorrt module, "") or (None, why not)."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        return None, f"TensorRT is not installed ({e}); where it can be: pip install tensorrt-cu12"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+    except ImportError:
+        return None, "torch is needed on the build side to query the GPU"
+    return trt, ""
+
+
+def gpu_info() -> dict:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def profile_shapes(profile: dict, input_names: list[str], name: str) -> dict[str, dict]:
+    """min/opt/max per network input; names in per_input must exist in the network."""
+    unknown = set(profile.get("per_input") or {}) - set(input_names)
+    if unknown:
+        raise StageError(f"trt.profiles.{name}.per_input names {sorted(unknown)}; "
+                         f"the network's inputs are {input_names}")
+    shapes = {}
+    for inp in input_names:
+        spec = (profile.get("per_input") or {}).get(inp, profile)
+        shapes[inp] = {k: tuple(int(x) for x in spec[k]) for k in ("min", "opt", "max")}
+        if not all(a <= b <= c for a, b, c in zip(*shapes[inp].values())):
+            raise StageError(f"trt.profiles.{name} for {inp}: need min <= opt <= max, got {shapes[inp]}")
+    return shapes
+
+
+def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> dict:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        for e in errors:
+            log.error("ONNX parser: %s", e)
+        raise StageError(f"TensorRT could not parse {onnx_path}: {len(errors)} error(s), first: {errors[:1]}")
+    input_names = [network.get_input(i).name for i in range(network.num_inputs)]
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_gib"] * (1 << 30)))
+    flags = []
+    if cfg["precision"] == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+        pinned = 0
+        patterns = [re.compile(p) for p in cfg["fp32_layer_patterns"]]
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if any(p.search(layer.name) for p in patterns):
+                layer.precision = trt.float32
+                for o in range(layer.num_outputs):
+                    layer.set_output_type(o, trt.float32)
+                pinned += 1
+        log.info("fp16 build: %d layers pinned to fp32 (patterns %s)", pinned, cfg["fp32_layer_patterns"])
+    if cfg["hardware_compatible"]:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        flags.append("HARDWARE_COMPATIBLE_AMPERE_PLUS")
+    if cfg["version_compatible"]:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        flags.append("VERSION_COMPATIBLE")
+
+    profiles = {}
+    for name, spec in cfg["profiles"].items():
+        shapes = profile_shapes(spec, input_names, name)
+        profile = builder.create_optimization_profile()
+        for inp, s in shapes.items():
+            profile.set_shape(inp, s["min"], s["opt"], s["max"])
+        config.add_optimization_profile(profile)
+        profiles[name] = {inp: {k: list(v) for k, v in s.items()} for inp, s in shapes.items()}
+
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    gpu = gpu_info()
+    log.info("TensorRT %s builder config: onnx=%s precision=%s flags=%s workspace=%sGiB profiles=%s gpu=%s",
+             trt.__version__, onnx_path, cfg["precision"], flags, cfg["workspace_gib"], profiles, gpu)
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise StageError(f"TensorRT build of {onnx_path} failed (see the TensorRT errors above)")
+    elapsed = time.perf_counter() - start
+    log.info("TensorRT build took %.1f s", elapsed)
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu["gpu"].lower()).strip("-")
+    name = f"trt-{cfg['precision']}-{'+'.join(profiles)}-{slug}-trt{trt.__version__}"
+    (out_dir / f"{name}.plan").write_bytes(bytes(plan))
+    with atomic_file(cache_path) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    metadata = {"tensorrt_version": trt.__version__, **gpu, "profiles": profiles, "profile_order": list(profiles),
+                "flags": flags, "input_names": input_names, "build_seconds": round(elapsed, 1)}
+    return {"name": name, "file": f"{name}.plan", "precision": cfg["precision"], "metadata": metadata}
+
+
+def run(cfg: dict, onnx_path: Path, out_dir: Path) -> dict:
+    cache_path = Path(cfg["timing_cache"])
+    if not cfg["enabled"]:
+        record = {"skipped": True, "reason": "trt.enabled is false", "plans": []}
+    else:
+        trt, why = availability()
+        if trt is None:
+            log.info("TensorRT plans skipped: %s", why)
+            record = {"skipped": True, "reason": why, "plans": []}
+        else:
+            record = {"skipped": False, "plans": [build(trt, onnx_path, cfg, cache_path, out_dir)]}
+    if not cache_path.exists():  # an empty cache is a valid start for the next build
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_bytes(b"")
+    write_json(out_dir / "build.json", record)
+    return record
+
+
+def main() -> None:
+    def body(args):
+        cfg = load_params(args.params)["trt"]
+        with atomic_dir(OUT) as tmp:
+            run(cfg, ONNX, tmp)
+
+    stage_main(__doc__.splitlines()[0], body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Stage `verify`: parity and speed of every bundle variant against sentence-transformers.
+
+Loads the bundle through sbert_bundle exactly as a consumer would, encodes the evaluation
+corpus with each variant that runs here and with SentenceTransformer.encode (PyTorch),
+and checks the gates in conf/verify/. Writes (never touching the bundle):
+  artifacts/verify/metrics.json   DVC metrics: parity and speed per variant
+  artifacts/verify/report.json    the same plus gate results, worst sentences, latency buckets
+  artifacts/verify/plots/         DVC plots: latency vs batch size, per-sentence cosine
+Exits 1 naming every failed gate (variant, figure, threshold, worst sentence).
+
+Also usable on any bundle:  python -m stages.verify --bundle PATH --reference MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
+
+log = logging.getLogger("stages.verify")
+BUNDLE = ARTIFACTS / "bundle"
+REFERENCE = ARTIFACTS / "source" / "model"
+OUT = ARTIFACTS / "verify"
+TOP_K = 10
+
+
+class GateError(StageError):
+    """One or more variants missed a gate."""
+
+
+def load_corpus(path: Path) -> list[str]:
+    sentences = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}:{n} is not a JSON string: {e}") from None
+        if not isinstance(item, str):
+            raise StageError(f"{path}:{n} is {type(item).__name__}, expected a JSON string")
+        sentences.append(item)
+    if len(sentences) < TOP_K + 1:
+        raise StageError(f"{path} has {len(sentences)} sentences; parity needs at least {TOP_K + 1}")
+    return sentences
+
+
+# --- parity -------------------------------------------------------------------------------
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def top_k_agreement(ref: np.ndarray, emb: np.ndarray, k: int = TOP_K) -> float:
+    """Mean share of each sentence's k nearest neighbours (by the variant) that are among the
+    reference's k nearest; ties in the reference (identical sentences) count as agreement."""
+    sim_ref, sim_var = _unit(ref) @ _unit(ref).T, _unit(emb) @ _unit(emb).T
+    np.fill_diagonal(sim_ref, -np.inf)
+    np.fill_diagonal(sim_var, -np.inf)
+    kth_ref = -np.sort(-sim_ref, axis=1)[:, k - 1]
+    top_var = np.argsort(-sim_var, axis=1)[:, :k]
+    picked = np.take_along_axis(sim_ref, top_var, axis=1)
+    return float((picked >= kth_ref[:, None] - 1e-6).mean())
+
+
+def spearman_of_similarities(ref: np.ndarray, emb: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    iu = np.triu_indices(len(ref), k=1)
+    return float(spearmanr((_unit(ref) @ _unit(ref).T)[iu], (_unit(emb) @ _unit(emb).T)[iu]).statistic)
+
+
+def parity(ref: np.ndarray, emb: np.ndarray, sentences: list[str]) -> tuple[dict, np.ndarray]:
+    cos = (_unit(ref) * _unit(emb)).sum(axis=1)
+    worst = int(np.argmin(cos))
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "top10_agreement": top_k_agreement(ref, emb),
+        "spearman": spearman_of_similarities(ref, emb),
+        "worst_index": worst,
+        "worst_sentence": sentences[worst][:120],
+    }, cos
+
+
+def check_gates(name: str, metrics: dict, gates: dict, min_speedup: float | None) -> list[str]:
+    failures = []
+    for key, metric in (("min_cosine", "min_cosine"), ("min_top10_agreement", "top10_agreement"),
+                        ("min_spearman", "spearman")):
+        threshold = gates.get(key)
+        if threshold is not None and metrics[metric] < threshold:
+            where = f" (worst sentence #{metrics['worst_index']}: {metrics['worst_sentence']!r})" \
+                if metric == "min_cosine" else ""
+            failures.append(f"{name}: {metric} {metrics[metric]:.6f} < {threshold}{where}")
+    if min_speedup is not None and metrics.get("device") == "cpu" and metrics["speedup"] < min_speedup:
+        failures.append(f"{name}: speedup {metrics['speedup']:.2f}x < min_speedup {min_speedup}x")
+    return failures
+
+
+# --- speed --------------------------------------------------------------------------------
+
+def _percentiles(times: list[float]) -> dict:
+    ms = np.array(times) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def time_calls(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bucket_inputs(batch: int, length: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids of exactly `length` (no padding): model + head latency without tokenization."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab_size, size=(batch, length), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def throughput(encode, sentences: list[str], rounds: int) -> float:
+    """Best sentences/s over `rounds` full passes (tokenization included)."""
+    best = min(time_calls(lambda: encode(sentences), 0, rounds))
+    return len(sentences) / best
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from sbert_bundle import Bundle
+    from sbert_bundle.bundle import rank_variants
+
+    sentences = load_corpus(corpus)
+    bs = cfg["batch_size"]
+    threads = cfg["threads"] or None
+    if threads:
+        torch.set_num_threads(threads)
+    probe = Bundle.load(bundle_path)  # integrity check + what runs here
+    wanted = cfg["variants"]
+    ranked = rank_variants(probe.manifest, None)
+    skipped = {n: r for n, d, r in ranked if d is None}
+    names = [n for n, d, _ in ranked if d is not None and (wanted == "all" or n in wanted)]
+    unknown = [] if wanted == "all" else sorted(set(wanted) - set(probe.manifest["variants"]))
+    if unknown:
+        raise StageError(f"verify.variants names {unknown}, not in the bundle; it has {sorted(probe.manifest['variants'])}")
+
+    log.info("reference: SentenceTransformer(%s) on %d sentences", reference, len(sentences))
+    st = SentenceTransformer(str(reference), device="cpu")
+    st_encode = lambda s: st.encode(s, batch_size=bs, convert_to_numpy=True)  # noqa: E731
+    ref = st_encode(sentences)
+    speed = cfg["speed"]
+    vocab = st.tokenizer.vocab_size
+    ref_tput = throughput(st_encode, sentences, speed["throughput_rounds"])
+    ref_lat = {}
+    for b in speed["batch_sizes"]:
+        for length in speed["seq_lengths"]:
+            feats = {k: torch.from_numpy(v) for k, v in bucket_inputs(b, length, vocab).items()}
+            with torch.inference_mode():
+                ref_lat[(b, length)] = _percentiles(time_calls(lambda: st.forward(dict(feats)), speed["warmup"],
+                                                               speed["repeats"]))
+
+    report = {"bundle": {k: probe.manifest.get(k) for k in ("name", "version", "created", "params_sha256")},
+              "corpus": {"path": str(corpus), "sentences": len(sentences)},
+              "reference": {"kind": "sentence-transformers", "path": str(reference),
+                            "sentences_per_s": ref_tput},
+              "variants": {}, "skipped": skipped, "failures": []}
+    latency_rows, cosines = [], {}
+    for name in names:
+        bundle = Bundle.load(bundle_path, variant=name, threads=threads, verify_integrity=False)
+        emb = bundle.encode(sentences, batch_size=bs)
+        metrics, cos = parity(ref, emb, sentences)
+        cosines[name] = cos
+        tput = throughput(lambda s: bundle.encode(s, batch_size=bs), sentences, speed["throughput_rounds"])
+        metrics.update(device=bundle.device, sentences_per_s=tput, speedup=tput / ref_tput)
+        buckets = []
+        for (b, length), ref_p in ref_lat.items():
+            feats = bucket_inputs(b, length, vocab)
+            run_once = lambda: bundle.head(bundle.backend(feats), feats["attention_mask"])  # noqa: E731
+            p = _percentiles(time_calls(run_once, speed["warmup"], speed["repeats"]))
+            buckets.append({"batch_size": b, "seq_len": length, **p, "pytorch_p50_ms": ref_p["p50_ms"],
+                            "speedup_p50": ref_p["p50_ms"] / p["p50_ms"]})
+        latency_rows.append((name, buckets))
+        precision = bundle.manifest["variants"][name]["precision"]
+        failures = check_gates(name, metrics, cfg["gates"][precision], cfg.get("min_speedup"))
+        metrics["passed"] = not failures
+        metrics["latency"] = buckets
+        report["variants"][name] = metrics
+        report["failures"] += failures
+        log.info("%s on %s: min cos %.6f, %.0f sentences/s (%.2fx) %s", name, bundle.device,
+                 metrics["min_cosine"], tput, metrics["speedup"], "ok" if not failures else "FAILED")
+    report["pytorch_latency"] = [{"batch_size": b, "seq_len": l, **p} for (b, l), p in ref_lat.items()]
+    report["_plots"] = {"latency": latency_rows, "cosine": cosines}
+    return report
+
+
+def table(report: dict) -> str:
+    head = f"{'variant':<14} {'device':<6} {'min cos':>10} {'mean cos':>10} {'top10':>6} {'spearman':>9} " \
+           f"{'sent/s':>8} {'vs torch':>8} {'gate':>5}"
+    lines = [head, "-" * len(head),
+             f"{'pytorch (ref)':<14} {'cpu':<6} {'':>10} {'':>10} {'':>6} {'':>9} "
+             f"{report['reference']['sentences_per_s']:>8.0f} {'1.00x':>8} {'':>5}"]
+    for name, m in report["variants"].items():
+        lines.append(f"{name:<14} {m['device']:<6} {m['min_cosine']:>10.6f} {m['mean_cosine']:>10.6f} "
+                     f"{m['top10_agreement']:>6.3f} {m['spearman']:>9.6f} {m['sentences_per_s']:>8.0f} "
+                     f"{m['speedup']:>7.2f}x {'pass' if m['passed'] else 'FAIL':>5}")
+    for name, why in report["skipped"].items():
+        lines.append(f"{name:<14} not run here: {why}")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    plots = report.pop("_plots")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"reference_sentences_per_s": report["reference"]["sentences_per_s"],
+               "variants": {n: {k: m[k] for k in ("min_cosine", "mean_cosine", "top10_agreement", "spearman",
+                                                  "sentences_per_s", "speedup", "passed")}
+                            for n, m in report["variants"].items()}}
+    with atomic_file(out / "metrics.json") as tmp:
+        write_json(tmp, metrics)
+    with atomic_file(out / "report.json") as tmp:
+        write_json(tmp, report)
+    with atomic_dir(out / "plots") as tmp:
+        (tmp / "latency").mkdir()
+        (tmp / "cosine").mkdir()
+        for name, buckets in plots["latency"]:
+            for length in sorted({b["seq_len"] for b in buckets}):
+                with open(tmp / "latency" / f"{name}_len{length}.csv", "w", newline="") as f:
+                    w = csv.DictWriter(f, ["batch_size", "p50_ms", "p95_ms", "pytorch_p50_ms"], extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(b for b in buckets if b["seq_len"] == length)
+        for name, cos in plots["cosine"].items():
+            with open(tmp / "cosine" / f"{name}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["rank", "cosine"])
+                w.writerows((i, f"{c:.8f}") for i, c in enumerate(np.sort(cos)))
+
+
+def main() -> None:
+    def add_args(p):
+        p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder or .tar.gz (default: %(default)s)")
+        p.add_argument("--reference", type=Path, default=REFERENCE,
+                       help="sentence-transformers model folder to compare with (default: %(default)s)")
+        p.add_argument("--out", type=Path, default=OUT, help="where metrics, report and plots go (default: %(default)s)")
+
+    def body(args):
+        cfg = load_params(args.params)["verify"]
+        for path, what in ((args.bundle, "bundle"), (args.reference, "reference model")):
+            if not path.exists():
+                raise StageError(f"{what} {path} not found")
+        report = run(cfg, args.bundle, args.reference, Path(cfg["corpus"]))
+        failures = report["failures"]
+        write_outputs(report, args.out)
+        print(table(report))
+        if failures:
+            raise GateError(f"{len(failures)} gate(s) failed:\n  " + "\n  ".join(failures))
+        print(f"all gates passed for {len(report['variants'])} variant(s); report in {args.out}")
+
+    stage_main(__doc__.splitlines()[0], body, add_args)
+
+
+if __name__ == "__main__":
+    main()

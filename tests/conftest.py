@@ -1,0 +1,157 @@
+"""Shared fixtures: tiny random sentence-transformers models and a pipeline runner.
+
+`make_st_model(path, ...)` saves a few-layer random BERT (or DistilBERT, which takes no
+token_type_ids) with a chosen Pooling / Dense / Normalize stack, using sentence-transformers'
+own save, so the folders look exactly like real ones. `build_bundle(model_dir, root)` runs
+the real stage functions (fetch → split → export_onnx → convert_fp16 → package) into root.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a an and or of to in on for with is are was be this that it cat dog sat mat park ball "
+         "quick brown fox jumps over lazy model sentence embedding vector search query document code "
+         "python data fast slow red green blue one two three hello world test example long short").split()
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a cat sat on the mat",
+    "hello world",
+    "",
+    "   ",
+    "The Dog Is In The Park With A Ball",
+    "python code is fast and the model is slow " * 12,
+    "embedding vector search for a query document",
+    "zz unknown wordz ☃ 😀 中文",
+    "one",
+    "two three",
+    "green and blue and red",
+]
+
+
+def write_vocab(path: Path) -> Path:
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + [f"##{c}" for c in chars]
+    path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    return path
+
+
+def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=None, normalize: bool = True,
+                  max_seq_length: int = 64, do_lower_case: bool = False, include_prompt: bool = True,
+                  hidden: int = 32, seed: int = 0) -> Path:
+    """Save a random tiny sentence-transformers model to path; returns path.
+
+    dense: None, or a list of (out_features, activation module name, bias) tuples, e.g.
+    [(16, "torch.nn.modules.activation.Tanh", True)].
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    hf_dir = path.parent / f"{path.name}-hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(hf_dir / "vocab.txt")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False)
+    if arch == "distilbert":
+        tok.model_input_names = ["input_ids", "attention_mask"]
+        cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden,
+                               max_position_embeddings=128)
+        model = DistilBertModel(cfg)
+    else:
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * hidden, max_position_embeddings=128)
+        model = BertModel(cfg)
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+
+    transformer = models.Transformer(str(hf_dir), max_seq_length=max_seq_length, do_lower_case=do_lower_case)
+    modules = [transformer, models.Pooling(hidden, pooling_mode=tuple(pooling), include_prompt=include_prompt)]
+    dim = hidden * len(pooling)
+    for out_features, activation, bias in dense or []:
+        from sentence_transformers.util import import_from_string
+
+        act = import_from_string(activation)()
+        layer = models.Dense(dim, out_features, bias=bias, activation_function=act)
+        modules.append(layer)
+        dim = out_features
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def params() -> dict:
+    """The committed params.yaml (itself the composition of conf/)."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def fast_params(params: dict) -> dict:
+    """Default params with smaller validation / speed settings for tiny models."""
+    p = copy.deepcopy(params)
+    p["export"]["validation"] = {"batch_sizes": [1, 3], "lengths": [4, 40, 100]}
+    p["verify"]["speed"] = {"batch_sizes": [1, 4], "seq_lengths": [8], "warmup": 1, "repeats": 3,
+                            "throughput_rounds": 1}
+    p["verify"]["batch_size"] = 4
+    return p
+
+
+def build_bundle(model_dir: Path, root: Path, params: dict, *, fp16: bool = True, int8: bool = False) -> Path:
+    """Run the real stages on model_dir; artifacts under root/artifacts. Returns the bundle folder."""
+    from stages import convert_fp16, export_onnx, fetch, package, split
+
+    art = root / "artifacts"
+    for d in ("source", "split", "onnx", "fp16", "bundle"):
+        (art / d).mkdir(parents=True, exist_ok=True)
+    fetch.run({"kind": "local", "path": str(model_dir)}, params["fetch"]["exclude"], art / "source")
+    split.run(art / "source" / "model", art / "split")
+    export_onnx.run(params["export"], art / "split", art / "onnx")
+    wanted = ["fp32", "fp32-fused"]
+    if fp16:
+        convert_fp16.run(params["fp16"], art / "onnx", art / "split", art / "fp16")
+        wanted += ["fp16", "fp16-fused"]
+    if int8:
+        from stages import quantize
+
+        (art / "int8").mkdir(exist_ok=True)
+        quantize.run(params["quantize"], art / "onnx", art / "split", art / "int8")
+        wanted.append("int8")
+    p = copy.deepcopy(params)
+    p["package"]["variants"] = wanted
+    package.run(p, art, art / "bundle")
+    return art / "bundle"
+
+
+def st_encode(model_dir: Path, sentences: list[str], batch_size: int = 4):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_dir), device="cpu").encode(sentences, batch_size=batch_size,
+                                                                   convert_to_numpy=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Mean pooling + Normalize, the default model's shape, at toy size."""
+    return make_st_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model, params) -> Path:
+    return build_bundle(tiny_model, tmp_path_factory.mktemp("tiny-build"), fast_params(params))
+
+
+def load_json(path: Path):
+    return json.loads(Path(path).read_text())
