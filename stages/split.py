@@ -26,6 +26,9 @@ SOURCE = ARTIFACTS / "source" / "model"
 OUT = ARTIFACTS / "split"
 
 SUPPORTED = ("Transformer", "Pooling", "Dense", "Normalize")
+# A Hugging Face tokenizer needs one of these (transformers 5 otherwise builds an empty default one).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 ST_CONFIG_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
@@ -78,6 +81,8 @@ def split_transformer(folder: Path, dest: Path) -> dict:
         raise StageError(f"{folder / 'config.json'} missing: the Transformer module needs its model config")
     if not any((folder / w).is_file() for w in WEIGHT_FILES):
         raise StageError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+    if not any((folder / t).is_file() for t in TOKENIZER_FILES):
+        raise StageError(f"tokenizer files missing in {folder}: expected one of {', '.join(TOKENIZER_FILES)}")
     dest.mkdir(parents=True)
     for f in folder.iterdir():
         if f.is_file() and f.name != "modules.json":

@@ -64,7 +64,7 @@ def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=No
     hf_dir = path.parent / f"{path.name}-hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(hf_dir / "vocab.txt")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False)
+    tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=False)
     if arch == "distilbert":
         tok.model_input_names = ["input_ids", "attention_mask"]
         cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden,
@@ -74,6 +74,7 @@ def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=No
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=2 * hidden, max_position_embeddings=128)
         model = BertModel(cfg)
+    assert len(tok) > 100, "the tiny tokenizer must use the written vocabulary"
     model.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
 

@@ -48,11 +48,19 @@ def test_fp16_variants_match(tiny_bundle, tiny_model):
         assert cos.min() > 0.999, (variant, cos.min())
 
 
-def test_lowercase_is_applied(tmp_path, params):
-    model = make_st_model(tmp_path / "model", do_lower_case=True)
+def test_legacy_do_lower_case_config(tmp_path, params):
+    """Older models say do_lower_case / max_seq_length in sentence_bert_config.json."""
+    import json
+
+    model = make_st_model(tmp_path / "model")
+    (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 10, "do_lower_case": True}))
     bundle = Bundle.load(build_bundle(model, tmp_path / "b", fast_params(params), fp16=False), variant="fp32")
-    a, b = bundle.encode(["HELLO World", "hello world"])
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert (bundle.head.do_lower_case, bundle.head.max_seq_length) == (True, 10)
+    mixed = ["HELLO World", "hello world", "The Quick BROWN fox " * 5]
+    ref = st_encode(model, mixed)
+    emb = bundle.encode(mixed)
+    np.testing.assert_allclose(emb, ref, atol=2e-4)
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-6)
 
 
 def test_truncation_to_max_seq_length(tmp_path, params):
