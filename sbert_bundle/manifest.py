@@ -68,6 +68,8 @@ def read_manifest(root: Path) -> dict:
         raise IntegrityError(f"{path} not found: {root} is not a bundle") from None
     except json.JSONDecodeError as e:
         raise IntegrityError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path} holds a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("schema_version") != MANIFEST_SCHEMA:
         raise IntegrityError(
             f"{path} has schema_version {manifest.get('schema_version')!r}; this runtime reads {MANIFEST_SCHEMA}")
