@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test bench clean
+.PHONY: install repro test compat bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# sentence-transformers' own ONNX backend (5.x + optimum) in its own venv, for
+# tests/test_st_onnx_backend.py: the bundle must load there too.
+compat: .venv-st5/.installed-stamp
+
+.venv-st5/.installed-stamp:
+	$(PYTHON) -m venv .venv-st5
+	.venv-st5/bin/python -m pip install -q torch==2.13.0
+	.venv-st5/bin/python -m pip install -q 'sentence-transformers[onnx]>=5,<6'
+	touch $@
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -q

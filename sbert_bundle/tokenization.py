@@ -26,13 +26,26 @@ class TextTokenizer:
             steps = [normalizers.Lowercase()] + ([current] if current is not None else [])
             self.tokenizer.normalizer = normalizers.Sequence(steps)
         self.tokenizer.enable_truncation(max_length=head.max_seq_length, strategy="longest_first")
-        self.tokenizer.enable_padding(pad_id=head.pad_token_id, pad_token=head.pad_token,
-                                      direction=head.padding_side)
+        self.tokenizer.no_padding()  # padding is per batch, in pad()
+        self.pad_id = head.pad_token_id
+        self.left = head.padding_side == "left"
+
+    def encode(self, texts: list[str]) -> list:
+        """Truncated, unpadded encodings (their lengths decide the batches)."""
+        return self.tokenizer.encode_batch(texts)
+
+    def pad(self, encodings: list) -> dict[str, np.ndarray]:
+        """One batch as int64 arrays, padded to its longest item."""
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            span = slice(width - len(e.ids), width) if self.left else slice(0, len(e.ids))
+            ids[row, span] = e.ids
+            mask[row, span] = e.attention_mask
+            types[row, span] = e.type_ids
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch(texts)
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
+        return self.pad(self.encode(texts))

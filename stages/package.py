@@ -103,6 +103,7 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         "embedding_dimension": head.embedding_dimension,
         "max_seq_length": head.max_seq_length,
         "variants": variants,
+        "runtime": dict(params["package"]["runtime"]),
     }
     try:
         return write_manifest(bundle, fields)

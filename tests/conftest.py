@@ -112,12 +112,17 @@ def fast_params(params: dict) -> dict:
 
 def build_bundle(model_dir: Path, root: Path, params: dict, *, fp16: bool = True, int8: bool = False) -> Path:
     """Run the real stages on model_dir; artifacts under root/artifacts. Returns the bundle folder."""
+    return build_bundle_stages({"kind": "local", "path": str(model_dir)}, root, params, fp16=fp16, int8=int8)
+
+
+def build_bundle_stages(source: dict, root: Path, params: dict, *, fp16: bool = True, int8: bool = False) -> Path:
+    """fetch (from `source`) -> split -> export_onnx -> [convert_fp16] -> [quantize] -> package."""
     from stages import convert_fp16, export_onnx, fetch, package, split
 
     art = root / "artifacts"
     for d in ("source", "split", "onnx", "fp16", "bundle"):
         (art / d).mkdir(parents=True, exist_ok=True)
-    fetch.run({"kind": "local", "path": str(model_dir)}, params["fetch"]["exclude"], art / "source")
+    fetch.run(source, params["fetch"]["exclude"], art / "source")
     split.run(art / "source" / "model", art / "split")
     export_onnx.run(params["export"], art / "split", art / "onnx")
     wanted = ["fp32", "fp32-fused"]

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from stages.compose import compose
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def composed(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
+    return compose(list(overrides))
 
 
 def test_params_yaml_is_the_composition_of_conf(params):
-    assert composed() == params, "params.yaml is stale: recompose with `dvc exp run` or scripts in README"
+    assert composed() == params, "params.yaml is stale: run `python -m stages.compose`"
 
 
 @pytest.mark.parametrize("model", ["minilm_l6", "mpnet_base", "local", "hub"])
