@@ -166,6 +166,18 @@ def dense_from(folder: Path, index: int, dest: Path) -> Dense:
         raise StageError(f"Dense module {folder}: {e}") from None
 
 
+def st_pooling_config(pooling: Pooling) -> dict:
+    """Pooling config in the legacy form that sentence-transformers 5 and 6 both read,
+    unless the modes' order differs from the legacy concatenation order."""
+    legacy_order = tuple(LEGACY_POOLING.values())
+    if list(pooling.modes) != sorted(pooling.modes, key=legacy_order.index):
+        return {"embedding_dimension": pooling.embedding_dimension, "pooling_mode": list(pooling.modes),
+                "include_prompt": pooling.include_prompt}
+    return {"word_embedding_dimension": pooling.embedding_dimension,
+            **{key: mode in pooling.modes for key, mode in LEGACY_POOLING.items()},
+            "include_prompt": pooling.include_prompt}
+
+
 def run(model_dir: Path, out_dir: Path) -> Head:
     entries = read_modules(model_dir)
     settings = split_transformer(entries[0]["dir"], out_dir / "transformer")
@@ -185,12 +197,20 @@ def run(model_dir: Path, out_dir: Path) -> Head:
         rel = Path(e["path"]).as_posix()
         if e["dir"].is_dir():
             shutil.copytree(e["dir"], modules_dir / rel, dirs_exist_ok=True)
-        st_modules.append({"idx": i, "name": e.get("name", str(i)), "path": rel, "type": e["type"]})
+        if e["kind"] == "Pooling":
+            write_json(modules_dir / rel / "config.json", st_pooling_config(head_modules[-1]))
+        # the type path that sentence-transformers 5 and 6 both import
+        st_modules.append({"idx": i, "name": e.get("name", str(i)), "path": rel,
+                           "type": f"sentence_transformers.models.{e['kind']}"})
+    st_modules[0]["type"] = "sentence_transformers.models.Transformer"
     write_json(modules_dir / "modules.json", st_modules)
     for name in ST_CONFIG_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, modules_dir / name)
     head = Head(modules=tuple(head_modules), **settings)
+    # tokenization settings in the form every sentence-transformers version reads
+    write_json(modules_dir / "sentence_bert_config.json",
+               {"max_seq_length": head.max_seq_length, "do_lower_case": head.do_lower_case})
     pooled = [m for m in head_modules if isinstance(m, Pooling)]
     if pooled and pooled[0].embedding_dimension != head.hidden_size:
         raise StageError(f"Pooling embedding_dimension {pooled[0].embedding_dimension} differs from the "

@@ -1,7 +1,9 @@
 """Run inside a venv with sentence-transformers[onnx] (5.x): load a bundle with
 sentence-transformers' own ONNX backend and compare with the PyTorch model.
 
-    python st_onnx_backend.py BUNDLE REFERENCE_MODEL SENTENCES.jsonl MIN_COSINE
+    python st_onnx_backend.py BUNDLE REFERENCE.npy SENTENCES.jsonl MIN_COSINE
+
+REFERENCE.npy holds the source model's embeddings, computed where that model loads.
 """
 
 import json
@@ -14,7 +16,7 @@ bundle, reference, corpus, min_cos = sys.argv[1], sys.argv[2], sys.argv[3], floa
 sentences = [json.loads(line) for line in open(corpus, encoding="utf-8")]
 onnx = SentenceTransformer(bundle, backend="onnx", device="cpu", model_kwargs={"file_name": "onnx/model.onnx"})
 emb = onnx.encode(sentences)
-ref = SentenceTransformer(reference, device="cpu").encode(sentences)
+ref = np.load(reference)
 cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
 print(json.dumps({"min_cosine": float(cos.min()), "n": len(sentences)}))
 sys.exit(0 if cos.min() >= min_cos else 1)
