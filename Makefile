@@ -37,7 +37,7 @@ compat: .venv-st5/.installed-stamp
 	touch $@
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest tests/benchmarks -q
+	$(BIN)/python -m pytest tests/benchmarks -q --benchmark-autosave
 
 clean:
 	rm -rf artifacts

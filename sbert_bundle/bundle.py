@@ -88,10 +88,12 @@ class Bundle:
         self._tmp = _tmp  # keeps an extracted archive alive as long as the bundle
         self.head = load_head(self.root)
         self.tokenizer = TextTokenizer(self.root / TOKENIZER_FILE, self.head)
+        runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
+        if threads is None and device == "cpu":
+            threads = runtime.get("cpu_threads") or None
         self.backend = open_backend(self.root, manifest["variants"][variant], device, threads)
         self.embedding_dimension = self.head.embedding_dimension
         # On CPU, token-capped batches are much faster (activations stay in cache); GPUs like big ones.
-        runtime = manifest.get("runtime", {})
         self.max_batch_tokens = runtime.get("cpu_max_batch_tokens") if device == "cpu" else None
 
     @classmethod

@@ -70,7 +70,9 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
     int8_report = artifacts / "int8" / "report.json"
     if "int8" in variants and int8_report.is_file():
         report = read_json(int8_report)
-        variants["int8"]["quantization"] = {k: report.get(k) for k in ("method", "per_channel", "excluded_nodes")}
+        variants["int8"]["quantization"] = {k: report.get(k) for k in (
+            "method", "per_channel", "weight_type", "smoothed", "smoothing_alpha", "outlier_channels",
+            "excluded_nodes", "calibration")}
     trt_report = artifacts / "trt" / "build.json"
     if trt_report.is_file():
         for plan in read_json(trt_report).get("plans", []):

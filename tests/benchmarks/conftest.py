@@ -1,0 +1,28 @@
+"""Benchmarks run on the bundle that `make repro` built (artifacts/bundle)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "artifacts" / "bundle"
+REFERENCE = REPO / "artifacts" / "source" / "model"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    path = REPO / "stages" / "data" / "eval_corpus.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def bundle_dir() -> Path:
+    if not (BUNDLE / "manifest.json").is_file():
+        pytest.skip(f"no bundle at {BUNDLE}: run `make repro` first")
+    return BUNDLE
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE
