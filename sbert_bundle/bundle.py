@@ -171,11 +171,23 @@ class Bundle:
             "selected": {"variant": self.variant, "device": self.device},
             "variants": [
                 {"name": n, "runs_here": d is not None and not r, "device": d, "why_not": r or None,
+                 "gpu_note": _gpu_note(self.manifest["variants"][n], d),
                  **{k: self.manifest["variants"][n].get(k) for k in ("file", "backend", "precision", "fused")}}
                 for n, d, r in ranked
             ],
+            "tensorrt_build": self.manifest.get("tensorrt_build"),
             "verify": self.report,
         }
+
+
+def _gpu_note(variant: dict, device: str | None) -> str | None:
+    """Why a variant meant for a GPU is running on CPU (or not at all) here."""
+    if "cuda" not in variant.get("devices", []) or device == "cuda":
+        return None
+    _, why = pick_device({**variant, "devices": ["cuda"]})
+    if variant.get("precision") == "fp16" and device == "cpu":
+        return f"GPU variant, run on CPU only when named (for checking): {why}"
+    return f"not on GPU: {why}"
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:

@@ -50,6 +50,11 @@ def _inspect(args) -> None:
     for v in info["variants"]:
         state = f"runs here on {v['device']}" if v["runs_here"] else f"not used: {v['why_not']}"
         print(f"  {v['name']:<14} {v['backend']:<12} {v['precision']:<5} {v['file']:<32} {state}")
+        if v["gpu_note"] and (v["precision"] == "fp16" or not v["runs_here"]):
+            print(f"  {'':<14} {v['gpu_note']}")
+    trt = info.get("tensorrt_build") or {}
+    if trt.get("skipped"):
+        print(f"TensorRT plans: none, build_trt skipped: {trt.get('reason')}")
     if info["verify"]:
         print("verify report (sealed release):")
         for name, m in info["verify"].get("variants", {}).items():

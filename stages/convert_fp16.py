@@ -9,6 +9,7 @@ Op types or node names that overflow in fp16 can be kept in fp32 through conf/fp
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,14 @@ def convert(src: Path, dest: Path, cfg: dict) -> None:
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
-    model16 = float16.convert_float_to_float16(
-        model, keep_io_types=cfg["keep_io_types"], op_block_list=cfg["op_block_list"],
-        node_block_list=cfg["node_block_list"] or None)
+    with warnings.catch_warnings(record=True) as caught:  # one warning per clipped constant
+        warnings.simplefilter("always")
+        model16 = float16.convert_float_to_float16(
+            model, keep_io_types=cfg["keep_io_types"], op_block_list=cfg["op_block_list"],
+            node_block_list=cfg["node_block_list"] or None)
+    if caught:
+        log.info("%s: %d fp32 constants clipped to the fp16 range (e.g. %s)", dest.name, len(caught),
+                 str(caught[0].message))
     onnx.save(model16, str(dest))
 
 

@@ -86,6 +86,15 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
     return variants
 
 
+def trt_summary(build_json: Path) -> dict:
+    """Whether build_trt made plans, and if not, why (shown by `sbert-bundle inspect`)."""
+    if not build_json.is_file():
+        return {"skipped": True, "reason": "build_trt did not run"}
+    record = read_json(build_json)
+    return {"skipped": record.get("skipped", False), "reason": record.get("reason"),
+            "plans": [p["name"] for p in record.get("plans", [])]}
+
+
 def run(params: dict, artifacts: Path, bundle: Path) -> dict:
     split = artifacts / "split"
     for f in sorted((split / "transformer").iterdir()):  # config + tokenizer, not the torch weights
@@ -106,6 +115,7 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         "max_seq_length": head.max_seq_length,
         "variants": variants,
         "runtime": dict(params["package"]["runtime"]),
+        "tensorrt_build": trt_summary(artifacts / "trt" / "build.json"),
     }
     try:
         return write_manifest(bundle, fields)
