@@ -24,20 +24,32 @@ OUT = ARTIFACTS / "fp16"
 PAIRS = {"fp16": ("model.onnx", "model_fp16.onnx"), "fp16-fused": ("model_fused.onnx", "model_fp16_fused.onnx")}
 
 
-def convert(src: Path, dest: Path, cfg: dict) -> None:
+def casts_to_float(model) -> list[str]:
+    """Cast nodes with to=FLOAT: onnxconverter-common retypes their outputs to fp16 but keeps
+    to=FLOAT, which makes an invalid graph (MPNet's relative-position buckets do this)."""
+    import onnx
+
+    return [n.name for n in model.graph.node if n.op_type == "Cast"
+            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+
+
+def convert(src: Path, dest: Path, cfg: dict) -> list[str]:
+    """Convert; returns the node names kept in fp32 on top of the op-type block list."""
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
+    kept = list(cfg["node_block_list"]) + (casts_to_float(model) if cfg["keep_casts_to_float"] else [])
     with warnings.catch_warnings(record=True) as caught:  # one warning per clipped constant
         warnings.simplefilter("always")
         model16 = float16.convert_float_to_float16(
             model, keep_io_types=cfg["keep_io_types"], op_block_list=cfg["op_block_list"],
-            node_block_list=cfg["node_block_list"] or None)
+            node_block_list=kept or None)
     if caught:
         log.info("%s: %d fp32 constants clipped to the fp16 range (e.g. %s)", dest.name, len(caught),
                  str(caught[0].message))
     onnx.save(model16, str(dest))
+    return kept
 
 
 def token_cosines(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -49,11 +61,15 @@ def token_cosines(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def parity(fp32: Path, fp16: Path, batches: list[dict], min_cos: float, name: str) -> dict:
     """Compare on CPU; a graph the CPU provider cannot run is recorded, not failed."""
     import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as MissingKernel
 
     try:
         s16 = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except MissingKernel as e:  # a valid graph this build's CPU provider has no fp16 kernel for
         return {"checked": False, "reason": f"onnxruntime CPU cannot run {fp16.name}: {str(e).splitlines()[0]}"}
+    except Exception as e:  # noqa: BLE001 - anything else: the converted graph is broken
+        raise StageError(f"{name}: the converted graph {fp16.name} is invalid: {str(e).splitlines()[0]}; keep the "
+                         "offending nodes in fp32 via fp16.node_block_list / op_block_list") from None
     s32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     names = [i.name for i in s32.get_inputs()]
     cosines, max_diff = [], 0.0
@@ -86,8 +102,8 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
             log.info("%s: no %s, skipped", name, src)
             continue
         log.info("%s: converting %s", name, src)
-        convert(onnx_dir / src, out_dir / dest, cfg)
-        report[name] = {"file": dest, "source": src,
+        kept = convert(onnx_dir / src, out_dir / dest, cfg)
+        report[name] = {"file": dest, "source": src, "nodes_kept_fp32": kept,
                         "parity": parity(onnx_dir / src, out_dir / dest, batches,
                                          cfg["parity"]["min_token_cosine"], name)}
         log.info("%s: %s", name, report[name]["parity"])

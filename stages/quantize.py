@@ -8,12 +8,13 @@ Plain dynamic INT8 loses parity on BERT-like encoders (all-MiniLM-L6-v2: min cos
 per-channel ~0.97) because a few activation channels carry outliers 10-30x the rest, and
 one dynamic scale per tensor then leaves every other channel with a handful of levels.
 Before quantizing, two edits that leave the fp32 function unchanged move the outliers:
-  1. smoothing (SmoothQuant) on the inputs of the first feed-forward MatMul (and of Attention
-     when it is quantized): x/s and W*s per input channel, s = amax(x)^alpha / amax(W)^(1-alpha);
+  1. smoothing (SmoothQuant) on every quantized node fed by a LayerNorm output (the first
+     feed-forward MatMul; Q/K/V where attention is not fused; Attention when quantized):
+     x/s and W*s per input channel, s = amax(x)^alpha / amax(W)^(1-alpha);
   2. outlier split on the second feed-forward MatMul: its top-k input channels (after GELU)
      are computed by a small fp32 side path and removed from the quantized MatMul.
-Nodes are found by graph structure (Attention; MatMul -> BiasGelu -> MatMul), so this
-carries over to other models that onnxruntime's BERT optimizer fuses the same way.
+Nodes are found by graph structure (LayerNorm -> MatMul; MatMul -> BiasGelu -> MatMul), so
+this carries over to other encoders that onnxruntime's BERT optimizer fuses the same way.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def find_targets(graph) -> tuple[list, list[tuple]]:
         if n1 is not None and n1.op_type == "MatMul" and n1.input[1] in inits:
             ffn.append((n1, gelu, n2))
     return attention, ffn
+
+
+LAYER_NORMS = {"LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"}
+
+
+def layernorm_fed(graph, op_types: list[str]) -> list:
+    """Quantized nodes (MatMul with a constant weight, or Attention) whose input is a LayerNorm
+    output: the activations with per-channel outliers that smoothing evens out."""
+    inits = {i.name for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    return [n for n in graph.node if n.op_type in op_types and n.op_type in ("MatMul", "Attention")
+            and len(n.input) > 1 and n.input[1] in inits
+            and getattr(producer.get(n.input[0]), "op_type", None) in LAYER_NORMS]
 
 
 def channel_absmax(model, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
@@ -177,14 +191,14 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
     report = {"method": "dynamic", "per_channel": cfg["per_channel"], "weight_type": cfg["weight_type"],
               "source": src.name, "attention_nodes": len(attention), "ffn_blocks": len(ffn)}
     ed = GraphEditor(model)
-    if cfg["smoothing"]["enabled"] or cfg["outliers"]["enabled"]:
-        watched = sorted({n.input[0] for n in attention} | {t[0].input[0] for t in ffn} | {t[2].input[0] for t in ffn})
+    to_smooth = layernorm_fed(model.graph, cfg["op_types"]) if cfg["smoothing"]["enabled"] else []
+    if to_smooth or cfg["outliers"]["enabled"]:
+        watched = sorted({n.input[0] for n in to_smooth} | {t[2].input[0] for t in ffn})
         amax = channel_absmax(model, watched, batches)
         if cfg["outliers"]["enabled"]:
             report["outlier_channels"] = split_outliers(ed, ffn, amax, cfg["outliers"]["k"])
-        if cfg["smoothing"]["enabled"]:
-            quantized_attention = attention if "Attention" in cfg["op_types"] else []
-            report["smoothed"] = smooth(ed, quantized_attention + [t[0] for t in ffn], amax, cfg["smoothing"]["alpha"])
+        if to_smooth:
+            report["smoothed"] = smooth(ed, to_smooth, amax, cfg["smoothing"]["alpha"])
             report["smoothing_alpha"] = cfg["smoothing"]["alpha"]
         ed.commit()
     prepared = out_dir / "prepared_fp32.onnx"

@@ -57,7 +57,8 @@ def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=No
     """
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel,
+                              MPNetConfig, MPNetModel)
 
     torch.manual_seed(seed)
     path = Path(path)
@@ -70,6 +71,11 @@ def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=No
         cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=hidden, n_layers=2, n_heads=4, hidden_dim=2 * hidden,
                                max_position_embeddings=128)
         model = DistilBertModel(cfg)
+    elif arch == "mpnet":  # relative position buckets (a Cast to float in the graph), no token_type_ids
+        tok.model_input_names = ["input_ids", "attention_mask"]
+        cfg = MPNetConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+        model = MPNetModel(cfg)
     else:
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=2 * hidden, max_position_embeddings=128)

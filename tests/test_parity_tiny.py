@@ -23,6 +23,7 @@ CASES = {
     "lasttoken + two dense (gelu, tanh)": dict(pooling=("lasttoken",), dense=[(20, GELU, True), (8, TANH, True)]),
     "all six modes": dict(pooling=("cls", "lasttoken", "max", "mean", "mean_sqrt_len_tokens", "weightedmean")),
     "distilbert (no token_type_ids)": dict(arch="distilbert", pooling=("mean",)),
+    "mpnet (relative positions)": dict(arch="mpnet", pooling=("mean",)),
     "do_lower_case, max_seq_length 12": dict(do_lower_case=True, max_seq_length=12, pooling=("mean",)),
 }
 
@@ -71,3 +72,22 @@ def test_truncation_to_max_seq_length(tmp_path, params):
     # words past the limit do not change the embedding
     a, b = bundle.encode(["the cat sat on the mat and the dog", "the cat sat on the mat and the dog sat in the park"])
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_fp16_of_a_graph_with_casts_to_float(tmp_path, params):
+    """MPNet's graph casts to float; onnxconverter-common mistypes such casts unless they stay fp32."""
+    import copy
+
+    from stages.common import StageError
+
+    model = make_st_model(tmp_path / "model", arch="mpnet")
+    p = fast_params(params)
+    bundle = Bundle.load(build_bundle(model, tmp_path / "ok", p), variant="fp16")
+    ref = st_encode(model, SENTENCES)
+    emb = bundle.encode(SENTENCES)
+    cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999
+    broken = copy.deepcopy(p)
+    broken["fp16"]["keep_casts_to_float"] = False
+    with pytest.raises(StageError, match="converted graph model_fp16.onnx is invalid"):
+        build_bundle(model, tmp_path / "broken", broken)
