@@ -233,17 +233,17 @@ def write_outputs(report: dict, out: Path) -> None:
         write_json(tmp, metrics)
     with atomic_file(out / "report.json") as tmp:
         write_json(tmp, report)
-    with atomic_dir(out / "plots") as tmp:
-        (tmp / "latency").mkdir()
-        (tmp / "cosine").mkdir()
+    (out / "plots").mkdir(exist_ok=True)
+    with atomic_dir(out / "plots" / "latency") as tmp:
         for name, buckets in plots["latency"]:
             for length in sorted({b["seq_len"] for b in buckets}):
-                with open(tmp / "latency" / f"{name}_len{length}.csv", "w", newline="") as f:
+                with open(tmp / f"{name}_len{length}.csv", "w", newline="") as f:
                     w = csv.DictWriter(f, ["batch_size", "p50_ms", "p95_ms", "pytorch_p50_ms"], extrasaction="ignore")
                     w.writeheader()
                     w.writerows(b for b in buckets if b["seq_len"] == length)
+    with atomic_dir(out / "plots" / "cosine") as tmp:
         for name, cos in plots["cosine"].items():
-            with open(tmp / "cosine" / f"{name}.csv", "w", newline="") as f:
+            with open(tmp / f"{name}.csv", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["rank", "cosine"])
                 w.writerows((i, f"{c:.8f}") for i, c in enumerate(np.sort(cos)))
