@@ -1,7 +1,7 @@
 """The verify gate (stages.verify): parity and speed against sentence-transformers.
 
-Most tests build their own toy BERT with a vocabulary of about 1240 tokens; one runs on the
-shared `tiny_model` (about 140 tokens) to cover small vocabularies.
+Tests that tamper with a bundle build their own (module-scoped) tiny model and bundle;
+one runs on the shared `tiny_model`.
 """
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, build_bundle, fast_params, write_vocab
+from conftest import REPO, build_bundle, fast_params, make_st_model
 from sbert_bundle.manifest import MANIFEST_FILE, write_manifest
 from stages import verify
 
@@ -27,34 +27,9 @@ CORPUS = ["", "   ", "hello world", "a cat sat on the mat", "the quick brown fox
               "park mat dog cat ball fox data code query test model search".split())]
 
 
-def make_model_with_vocab(path: Path, extra_words: int = 1100, hidden: int = 32, seed: int = 0) -> Path:
-    """A random 2-layer BERT sentence-transformers model (mean pooling + Normalize) whose tokenizer
-    really holds conftest's vocabulary plus `extra_words` filler tokens."""
-    import torch
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    torch.manual_seed(seed)
-    hf_dir = path.parent / f"{path.name}-hf"
-    hf_dir.mkdir(parents=True)
-    vocab = write_vocab(hf_dir / "vocab.txt")
-    with open(vocab, "a") as f:
-        f.writelines(f"filler{i}\n" for i in range(extra_words))
-    tok = BertTokenizerFast.from_pretrained(str(hf_dir), do_lower_case=False)
-    assert tok.vocab_size > 1000
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=2 * hidden, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(hf_dir)
-    tok.save_pretrained(hf_dir)
-    transformer = models.Transformer(str(hf_dir), max_seq_length=64)
-    modules = [transformer, models.Pooling(hidden, pooling_mode="mean"), models.Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return make_model_with_vocab(tmp_path_factory.mktemp("vocab-model") / "model")
+    return make_st_model(tmp_path_factory.mktemp("verify-model") / "model")
 
 
 @pytest.fixture(scope="module")
