@@ -91,10 +91,15 @@ def progress_enabled() -> bool:
     return logging.getLogger().isEnabledFor(logging.INFO) and not os.environ.get("SBERT_BUNDLE_QUIET")
 
 
-def stage_main(description: str, body: Callable[[argparse.Namespace], None],
+def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
                add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
-    """Parse --help/--quiet, set up logging, run body, turn expected failures into exit 1."""
-    parser = argparse.ArgumentParser(description=description)
+    """Parse --help/--quiet, set up logging, run body, turn expected failures into exit 1.
+
+    doc: the stage module's docstring, shown by --help (what it reads, writes and why)."""
+    module = sys.modules["__main__"].__spec__.name if sys.modules["__main__"].__spec__ else "stage"
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Settings come from the params file (composed from conf/; see README).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     if add_args:

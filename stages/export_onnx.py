@@ -149,7 +149,7 @@ def main() -> None:
         with atomic_dir(OUT) as tmp:
             run(cfg, SPLIT, tmp)
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

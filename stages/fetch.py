@@ -169,7 +169,7 @@ def main() -> None:
             prov = run(params["model"]["source"], params["fetch"]["exclude"], tmp)
         log.info("fetched %s (%s) : %d files", prov["id"], prov["revision"], len(prov["files"]))
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

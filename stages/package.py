@@ -138,7 +138,7 @@ def main() -> None:
         log.info("bundle %s %s: variants %s, %d files", manifest["name"], manifest["version"],
                  sorted(manifest["variants"]), len(manifest["files"]))
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage `quantize`: an INT8 variant that keeps parity (onnxruntime dynamic quantization).
 
 Reads artifacts/onnx/model_fused.onnx, writes artifacts/int8/:
-  model_int8.onnx   dynamic per-channel QInt8 MatMul / Attention
+  model_int8.onnx   dynamic per-channel QInt8 of the op types in quantize.op_types
   report.json       what was changed, which nodes stay fp32 and why, calibration parity
 
 Plain dynamic INT8 loses parity on BERT-like encoders (all-MiniLM-L6-v2: min cosine ~0.83,
@@ -241,7 +241,7 @@ def main() -> None:
             else:
                 write_json(tmp / "report.json", {"skipped": True, "reason": "quantize.enabled is false"})
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main() -> None:
             dest = run(params["model"], params["package"]["compresslevel"], BUNDLE, REPORT, tmp)
         log.info("released %s", OUT / dest.name)
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

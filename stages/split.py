@@ -227,7 +227,7 @@ def main() -> None:
         log.info("split: transformer + %s (dim %d, max_seq_length %d)",
                  [type(m).__name__ for m in head.modules], head.embedding_dimension, head.max_seq_length)
 
-    stage_main(__doc__.splitlines()[0], body)
+    stage_main(__doc__, body)
 
 
 if __name__ == "__main__":

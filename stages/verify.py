@@ -179,7 +179,11 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
                             "sentences_per_s": ref_tput},
               "variants": {}, "skipped": skipped, "failures": []}
     latency_rows, cosines = [], {}
-    for name in names:
+    from tqdm import tqdm
+
+    from .common import progress_enabled
+
+    for name in tqdm(names, desc="verify variants", unit="variant", disable=not progress_enabled()):
         bundle = Bundle.load(bundle_path, variant=name, threads=threads, verify_integrity=False)
         emb = bundle.encode(sentences, batch_size=bs)
         metrics, cos = parity(ref, emb, sentences)
@@ -269,7 +273,7 @@ def main() -> None:
             raise GateError(f"{len(failures)} gate(s) failed:\n  " + "\n  ".join(failures))
         print(f"all gates passed for {len(report['variants'])} variant(s); report in {args.out}")
 
-    stage_main(__doc__.splitlines()[0], body, add_args)
+    stage_main(__doc__, body, add_args)
 
 
 if __name__ == "__main__":
