@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
+from .common import (ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, progress_enabled, stage_main,
+                     write_json)
 
 log = logging.getLogger("stages.verify")
 BUNDLE = ARTIFACTS / "bundle"
@@ -179,10 +181,6 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
                             "sentences_per_s": ref_tput},
               "variants": {}, "skipped": skipped, "failures": []}
     latency_rows, cosines = [], {}
-    from tqdm import tqdm
-
-    from .common import progress_enabled
-
     for name in tqdm(names, desc="verify variants", unit="variant", disable=not progress_enabled()):
         bundle = Bundle.load(bundle_path, variant=name, threads=threads, verify_integrity=False)
         emb = bundle.encode(sentences, batch_size=bs)
