@@ -8,6 +8,7 @@ machine and, when nowhere, why: `Bundle.load` uses it to pick a variant and to e
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,82 @@ class OrtBackend:
         return out.astype(np.float32, copy=False)
 
 
-def open_backend(root: Path, variant: dict, device: str, threads: int | None = None):
+def pick_bucket(buckets: list[tuple[int, int]], batch: int, length: int) -> tuple[int, int] | None:
+    """Smallest [batch, length] bucket holding the batch, unless padding to it would more than
+    double the work (then None: run without a CUDA graph)."""
+    fits = [(b * n, (b, n)) for b, n in buckets if b >= batch and n >= length]
+    if not fits or min(fits)[0] > 2 * batch * length:
+        return None
+    return min(fits)[1]
+
+
+class OrtCudaBackend:
+    """onnxruntime CUDA with IO binding: inputs and outputs live in device buffers bound once.
+
+    With `buckets` (a list of [batch, length]), each batch is padded up to the smallest bucket
+    that holds it (padding is masked, so valid tokens are unchanged) and the bucket's run is
+    captured once as a CUDA graph and replayed after (run option gpu_graph_id); a batch larger
+    than every bucket runs without a graph. Calls take turns: graphs replay shared buffers.
+    """
+
+    def __init__(self, path: Path, buckets: list[list[int]] | None = None):
+        ort = _ort()
+        self.ort = ort
+        self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"})
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=[cuda, "CPUExecutionProvider"])
+        if "CUDAExecutionProvider" not in self.session.get_providers():
+            raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+        self.bound: dict[tuple[int, int], tuple] = {}  # bucket -> (binding, inputs, output, run options)
+        self.lock = threading.Lock()
+
+    def _bind(self, bucket: tuple[int, int], hidden: int):
+        ort = self.ort
+        binding = self.session.io_binding()
+        inputs = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(bucket), np.int64, "cuda", 0)
+                  for name in self.input_names}
+        output = ort.OrtValue.ortvalue_from_shape_and_type([*bucket, hidden], np.float32, "cuda", 0)
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(self.output_name, output)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(len(self.bound) + 1))
+        self.bound[bucket] = (binding, inputs, output, run_options)
+        return self.bound[bucket]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        batch, length = inputs["input_ids"].shape
+        bucket = pick_bucket(self.buckets, batch, length)
+        if bucket is None:  # no graph: bind this batch's own buffers
+            binding = self.session.io_binding()
+            for name in self.input_names:
+                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(inputs[name], "cuda", 0))
+            binding.bind_output(self.output_name, "cuda")
+            run_options = self.ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", "-1")
+            with self.lock:
+                self.session.run_with_iobinding(binding, run_options)
+            return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+        with self.lock:
+            hidden = self.session.get_outputs()[0].shape[-1]
+            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket, int(hidden))
+            for name in self.input_names:
+                padded = np.zeros(bucket, dtype=np.int64)  # masked padding: attention_mask is 0 there
+                padded[:batch, :length] = inputs[name]
+                bound_inputs[name].update_inplace(padded)
+            self.session.run_with_iobinding(binding, run_options)
+            return output.numpy()[:batch, :length].astype(np.float32, copy=False)
+
+
+def open_backend(root: Path, variant: dict, device: str, threads: int | None = None,
+                 cuda_graph_buckets: list[list[int]] | None = None):
     if variant["backend"] == "onnxruntime":
+        if device == "cuda":
+            return OrtCudaBackend(root / variant["file"], cuda_graph_buckets)
         return OrtBackend(root / variant["file"], device, threads)
     if variant["backend"] == "tensorrt":
         from .trt import TrtBackend

@@ -91,7 +91,8 @@ class Bundle:
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
         if threads is None and device == "cpu":
             threads = runtime.get("cpu_threads") or None
-        self.backend = open_backend(self.root, manifest["variants"][variant], device, threads)
+        self.backend = open_backend(self.root, manifest["variants"][variant], device, threads,
+                                    runtime.get("cuda_graph_buckets"))
         self.embedding_dimension = self.head.embedding_dimension
         # On CPU, token-capped batches are much faster (activations stay in cache); GPUs like big ones.
         self.max_batch_tokens = runtime.get("cpu_max_batch_tokens") if device == "cpu" else None
