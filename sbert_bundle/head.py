@@ -57,12 +57,12 @@ class Pooling:
     def output_dimension(self) -> int:
         return len(self.modes) * self.embedding_dimension
 
-    def __call__(self, tokens: np.ndarray, mask: np.ndarray, prompt_length: int | None = None) -> np.ndarray:
-        """tokens: (batch, seq, dim) float32; mask: (batch, seq) 0/1 ints."""
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """tokens: (batch, seq, dim) float32; mask: (batch, seq) 0/1 ints.
+
+        include_prompt is recorded but has no effect: bundles are built only from models
+        without a default prompt, and encode takes no prompt."""
         mask = mask.astype(np.int64)
-        original_mask = mask
-        if prompt_length and not self.include_prompt:
-            mask = _exclude_prompt(mask, prompt_length)
         batch, seq, dim = tokens.shape
         maskf = mask[:, :, None].astype(np.float32)
         out: list[np.ndarray] = []
@@ -78,7 +78,7 @@ class Pooling:
                 out.append(summed / (count if mode == "mean" else np.sqrt(count)))
             elif mode == "weightedmean":
                 weights = np.arange(1, seq + 1, dtype=np.float32)[None, :, None]
-                weights = weights - original_mask.argmax(axis=1).astype(np.float32)[:, None, None]
+                weights = weights - mask.argmax(axis=1).astype(np.float32)[:, None, None]
                 weighted = maskf * weights
                 out.append((tokens * weighted).sum(axis=1) / np.maximum(weighted.sum(axis=1), 1e-9))
             elif mode == "lasttoken":
@@ -92,14 +92,6 @@ class Pooling:
     def to_dict(self) -> dict:
         return {"type": "Pooling", "embedding_dimension": self.embedding_dimension,
                 "modes": list(self.modes), "include_prompt": self.include_prompt}
-
-
-def _exclude_prompt(mask: np.ndarray, prompt_length: int) -> np.ndarray:
-    mask = mask.copy()
-    pad = mask.argmax(axis=1)
-    positions = np.arange(mask.shape[1])[None, :]
-    mask[positions < (pad + prompt_length)[:, None]] = 0
-    return mask
 
 
 @dataclass(frozen=True)
@@ -154,6 +146,7 @@ class Head:
     pad_token: str
     pad_token_id: int
     padding_side: str = "right"
+    truncation_side: str = "right"
     modules: tuple = ()
 
     @property
@@ -163,17 +156,17 @@ class Head:
             dim = getattr(m, "output_dimension", dim)
         return dim
 
-    def __call__(self, tokens: np.ndarray, mask: np.ndarray, prompt_length: int | None = None) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         x = tokens
         for m in self.modules:
-            x = m(x, mask, prompt_length) if isinstance(m, Pooling) else m(x)
+            x = m(x, mask) if isinstance(m, Pooling) else m(x)
         return x
 
     def to_dict(self) -> dict:
         return {"schema": HEAD_SCHEMA, "max_seq_length": self.max_seq_length,
                 "do_lower_case": self.do_lower_case, "hidden_size": self.hidden_size,
                 "pad_token": self.pad_token, "pad_token_id": self.pad_token_id,
-                "padding_side": self.padding_side,
+                "padding_side": self.padding_side, "truncation_side": self.truncation_side,
                 "modules": [m.to_dict() for m in self.modules]}
 
     def save(self, folder: Path) -> Path:
@@ -209,4 +202,5 @@ def load_head(folder: str | Path) -> Head:
         else:
             raise HeadError(f"{path} module {i} has type {kind!r}; supported: Pooling, Dense, Normalize")
     return Head(spec["max_seq_length"], spec["do_lower_case"], spec["hidden_size"], spec["pad_token"],
-                spec["pad_token_id"], spec.get("padding_side", "right"), tuple(modules))
+                spec["pad_token_id"], spec.get("padding_side", "right"), spec.get("truncation_side", "right"),
+                tuple(modules))

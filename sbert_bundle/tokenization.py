@@ -25,7 +25,8 @@ class TextTokenizer:
             current = self.tokenizer.normalizer
             steps = [normalizers.Lowercase()] + ([current] if current is not None else [])
             self.tokenizer.normalizer = normalizers.Sequence(steps)
-        self.tokenizer.enable_truncation(max_length=head.max_seq_length, strategy="longest_first")
+        self.tokenizer.enable_truncation(max_length=head.max_seq_length, strategy="longest_first",
+                                         direction=head.truncation_side)
         self.tokenizer.no_padding()  # padding is per batch, in pad()
         self.pad_id = head.pad_token_id
         self.left = head.padding_side == "left"

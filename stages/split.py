@@ -41,6 +41,9 @@ LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
+# Dense options sentence-transformers 6 added; only their defaults are supported.
+DENSE_DEFAULTS = {"use_residual": False, "module_input_name": "sentence_embedding",
+                  "module_output_name": "sentence_embedding"}
 ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": "identity",
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -68,8 +71,9 @@ def read_modules(model_dir: Path) -> list[dict]:
         if folder != root and root not in folder.parents:
             raise StageError(f"{path} entry {i} path {entry['path']!r} leaves the model folder {model_dir}")
         out.append({**entry, "kind": kind, "dir": folder})
-    if out[0]["kind"] != "Transformer" or any(e["kind"] == "Transformer" for e in out[1:]):
-        raise StageError(f"{path}: expected one Transformer module, first; got {[e['kind'] for e in out]}")
+    kinds = [e["kind"] for e in out]
+    if kinds[:2] != ["Transformer", "Pooling"] or "Transformer" in kinds[2:] or "Pooling" in kinds[2:]:
+        raise StageError(f"{path}: expected Transformer, then Pooling, then any Dense / Normalize; got {kinds}")
     return out
 
 
@@ -115,6 +119,7 @@ def split_transformer(folder: Path, dest: Path) -> dict:
         "pad_token": tokenizer.pad_token,
         "pad_token_id": int(tokenizer.pad_token_id),
         "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
     }
 
 
@@ -134,6 +139,10 @@ def pooling_from(folder: Path, index: int) -> Pooling:
 
 def dense_from(folder: Path, index: int, dest: Path) -> Dense:
     cfg = read_json(folder / "config.json", f"Dense config (modules.json entry {index})")
+    unsupported = {k: cfg[k] for k, default in DENSE_DEFAULTS.items() if k in cfg and cfg[k] != default}
+    if unsupported:
+        raise StageError(f"{folder / 'config.json'} sets {unsupported}; sbert_bundle supports Dense only with "
+                         f"{DENSE_DEFAULTS}")
     act_name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if act_name not in ACTIVATIONS:
         raise StageError(f"{folder / 'config.json'} activation_function {act_name!r} unsupported; "
@@ -178,8 +187,19 @@ def st_pooling_config(pooling: Pooling) -> dict:
             "include_prompt": pooling.include_prompt}
 
 
+def refuse_default_prompt(model_dir: Path) -> None:
+    """sentence-transformers prepends a default prompt to every input; sbert_bundle does not (yet)."""
+    path = model_dir / "config_sentence_transformers.json"
+    if path.is_file():
+        cfg = read_json(path, "config_sentence_transformers.json")
+        if cfg.get("default_prompt_name"):
+            raise StageError(f"{path} sets default_prompt_name {cfg['default_prompt_name']!r}: models that "
+                             "prepend a prompt to every input are not supported yet")
+
+
 def run(model_dir: Path, out_dir: Path) -> Head:
     entries = read_modules(model_dir)
+    refuse_default_prompt(model_dir)
     settings = split_transformer(entries[0]["dir"], out_dir / "transformer")
     modules_dir = out_dir / "modules"
     modules_dir.mkdir()

@@ -192,3 +192,30 @@ def test_split_command_line_exits_1_with_one_error_line_and_writes_nothing(tmp_p
     assert "entry 1" in errors[0] and repr(UNSUPPORTED_TYPE) in errors[0]
     assert "artifacts/source/model/modules.json" in errors[0]
     assert_nothing_left(work / "artifacts", "split")
+
+
+# --- split: what sbert_bundle cannot reproduce is refused, not silently changed -------------------------
+
+def test_default_prompt_is_refused(tmp_path, model):
+    cfg_path = model / "config_sentence_transformers.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg.update(prompts={"query": "query: "}, default_prompt_name="query")
+    cfg_path.write_text(json.dumps(cfg))
+    msg = fails(tmp_path, "split", run_split(model), "default_prompt_name 'query'")
+    assert str(cfg_path) in msg
+
+
+def test_dense_with_residual_is_refused(tmp_path, model):
+    cfg_path = model / "2_Dense" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["use_residual"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    msg = fails(tmp_path, "split", run_split(model), "use_residual")
+    assert str(cfg_path) in msg
+
+
+def test_normalize_before_pooling_is_refused(tmp_path, model):
+    entries = json.loads((model / "modules.json").read_text())
+    entries[1], entries[-1] = entries[-1], entries[1]
+    (model / "modules.json").write_text(json.dumps(entries))
+    fails(tmp_path, "split", run_split(model), r"expected Transformer, then Pooling")

@@ -91,3 +91,17 @@ def test_fp16_of_a_graph_with_casts_to_float(tmp_path, params):
     broken["fp16"]["keep_casts_to_float"] = False
     with pytest.raises(StageError, match="converted graph model_fp16.onnx is invalid"):
         build_bundle(model, tmp_path / "broken", broken)
+
+
+def test_left_truncation_matches_sentence_transformers(tmp_path, params):
+    import json
+
+    model = make_st_model(tmp_path / "model", max_seq_length=8)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["truncation_side"] = "left"
+    cfg_path.write_text(json.dumps(cfg))
+    bundle = Bundle.load(build_bundle(model, tmp_path / "b", fast_params(params), fp16=False), variant="fp32")
+    assert bundle.head.truncation_side == "left"
+    long = ["the quick brown fox jumps over the lazy dog and the cat sat on the mat in the park"]
+    np.testing.assert_allclose(bundle.encode(long), st_encode(model, long), atol=2e-4)
