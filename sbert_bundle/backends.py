@@ -87,9 +87,10 @@ class OrtCudaBackend:
     than every bucket runs without a graph. Calls take turns: graphs replay shared buffers.
     """
 
-    def __init__(self, path: Path, buckets: list[list[int]] | None = None):
+    def __init__(self, path: Path, buckets: list[list[int]] | None = None, pad_id: int = 0):
         ort = _ort()
         self.ort = ort
+        self.pad_id = pad_id
         self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"})
         options = ort.SessionOptions()
@@ -99,6 +100,9 @@ class OrtCudaBackend:
             raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
+        self.hidden = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(self.hidden, int):  # symbolic: output buffers cannot be preallocated
+            self.buckets = []
         self.bound: dict[tuple[int, int], tuple] = {}  # bucket -> (binding, inputs, output, run options)
         self.lock = threading.Lock()
 
@@ -130,10 +134,9 @@ class OrtCudaBackend:
                 self.session.run_with_iobinding(binding, run_options)
             return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
         with self.lock:
-            hidden = self.session.get_outputs()[0].shape[-1]
-            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket, int(hidden))
-            for name in self.input_names:
-                padded = np.zeros(bucket, dtype=np.int64)  # masked padding: attention_mask is 0 there
+            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket, self.hidden)
+            for name in self.input_names:  # masked padding: attention_mask is 0 there
+                padded = np.full(bucket, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
                 padded[:batch, :length] = inputs[name]
                 bound_inputs[name].update_inplace(padded)
             self.session.run_with_iobinding(binding, run_options)
@@ -141,10 +144,10 @@ class OrtCudaBackend:
 
 
 def open_backend(root: Path, variant: dict, device: str, threads: int | None = None,
-                 cuda_graph_buckets: list[list[int]] | None = None):
+                 cuda_graph_buckets: list[list[int]] | None = None, pad_id: int = 0):
     if variant["backend"] == "onnxruntime":
         if device == "cuda":
-            return OrtCudaBackend(root / variant["file"], cuda_graph_buckets)
+            return OrtCudaBackend(root / variant["file"], cuda_graph_buckets, pad_id)
         return OrtBackend(root / variant["file"], device, threads)
     if variant["backend"] == "tensorrt":
         from .trt import TrtBackend

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from .backends import open_backend, pick_device
-from .head import load_head
-from .manifest import MANIFEST_FILE, check_integrity, read_manifest
+from .head import HEAD_FILE, load_head
+from .manifest import MANIFEST_FILE, IntegrityError, check_integrity, read_manifest
 from .tokenization import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,16 @@ class Bundle:
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
         if threads is None and device == "cpu":
             threads = runtime.get("cpu_threads") or None
-        self.backend = open_backend(self.root, manifest["variants"][variant], device, threads,
-                                    runtime.get("cuda_graph_buckets"))
+        spec = manifest["variants"][variant]
+        try:
+            self.backend = open_backend(self.root, spec, device, threads, runtime.get("cuda_graph_buckets"),
+                                        self.head.pad_token_id)
+        except RuntimeError as e:  # e.g. onnxruntime-gpu installed but no usable GPU or driver
+            if device != "cuda" or "cpu" not in spec.get("devices", []) or spec["backend"] != "onnxruntime":
+                raise
+            log.warning("variant %s: CUDA failed (%s); using the CPU", variant, e)
+            self.device = device = "cpu"
+            self.backend = open_backend(self.root, spec, "cpu", threads or runtime.get("cpu_threads") or None)
         self.embedding_dimension = self.head.embedding_dimension
         # On CPU, token-capped batches are much faster (activations stay in cache); GPUs like big ones.
         self.max_batch_tokens = runtime.get("cpu_max_batch_tokens") if device == "cpu" else None
@@ -115,10 +123,10 @@ class Bundle:
             raise FileNotFoundError(f"{path}: no such bundle folder or archive")
         manifest = read_manifest(root)
         if verify_integrity:
-            check_integrity(root, manifest)
+            check_integrity(root, manifest, required=runtime_files(root, manifest))
         report = None
-        if (root.parent / REPORT_FILE).is_file() and tmp is not None:  # a sealed release
-            report = json.loads((root.parent / REPORT_FILE).read_text())
+        if tmp is not None and root != Path(tmp.name) and (root.parent / REPORT_FILE).is_file():
+            report = _read_report(root.parent / REPORT_FILE)  # a sealed release: bundle/ + verify.json
         ranked = rank_variants(manifest, report)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
         if variant is None:
@@ -202,6 +210,27 @@ def plan_batches(lengths: list[int], batch_size: int, max_tokens: int | None) ->
         else:
             batches.append([i])
     return batches
+
+
+def runtime_files(root: Path, manifest: dict) -> list[str]:
+    """Every file the runtime reads: variant graphs/plans, head.json and what it points at, tokenizer."""
+    files = [HEAD_FILE, TOKENIZER_FILE] + [v["file"] for v in manifest.get("variants", {}).values()]
+    try:
+        spec = json.loads((Path(root) / HEAD_FILE).read_text())
+        files += [m[k] for m in spec.get("modules", []) for k in ("weight", "bias") if m.get(k)]
+    except (OSError, json.JSONDecodeError):
+        pass  # reported as missing / modified by the integrity check
+    return files
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{path.name} in the release archive is not valid JSON ({e})") from None
+    if not isinstance(report, dict):
+        raise IntegrityError(f"{path.name} in the release archive is not a JSON object")
+    return report
 
 
 def _explain(head: str, ranked) -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except (IntegrityError, VariantError, HeadError, FileNotFoundError) as e:
+    except (IntegrityError, VariantError, HeadError, OSError, EOFError, tarfile.TarError, ValueError,
+            RuntimeError) as e:
         print(f"sbert-bundle: error: {e}", file=sys.stderr)
         return 1
     return 0

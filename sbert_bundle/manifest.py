@@ -76,14 +76,27 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def check_integrity(root: Path, manifest: dict) -> None:
-    """Refuse a bundle whose files differ from the manifest: lists every problem found."""
+def inside(root: Path, rel: str) -> bool:
+    """rel names a regular file path under root: relative, no '..', no symlink on the way."""
+    if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return False
+    path = Path(root) / rel
+    return not any(p.is_symlink() for p in [path, *path.parents] if p != Path(root) and Path(root) in p.parents)
+
+
+def check_integrity(root: Path, manifest: dict, required: list[str] = ()) -> None:
+    """Refuse a bundle whose files differ from the manifest: lists every problem found.
+
+    required: paths the caller will read (variant files, head, tokenizer); each must be listed."""
     root = Path(root)
     problems = []
     listed = manifest.get("files", {})
+    problems += [f"{rel}: read by the runtime but not listed in the manifest" for rel in required if rel not in listed]
     for rel, want in listed.items():
         path = root / rel
-        if not path.is_file():
+        if not inside(root, rel):
+            problems.append(f"{rel}: not a plain relative path inside the bundle")
+        elif not path.is_file():
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != want["size"]:
             problems.append(f"{rel}: size {path.stat().st_size} bytes, manifest says {want['size']}")
@@ -91,7 +104,9 @@ def check_integrity(root: Path, manifest: dict) -> None:
             problems.append(f"{rel}: sha256 differs from the manifest (modified)")
     for p in root.rglob("*"):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != MANIFEST_FILE and rel not in listed:
+        if p.is_symlink():
+            problems.append(f"{rel}: a symbolic link (bundles hold plain files)")
+        elif p.is_file() and rel != MANIFEST_FILE and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest")
     if problems:
         raise IntegrityError(f"bundle {root} failed its integrity check:\n  " + "\n  ".join(sorted(problems)))

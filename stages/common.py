@@ -111,8 +111,10 @@ def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:
         os.environ["SBERT_BUNDLE_QUIET"] = "1"
+    from sbert_bundle import HeadError, IntegrityError, VariantError
+
     try:
         body(args)
-    except StageError as e:
+    except (StageError, IntegrityError, VariantError, HeadError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

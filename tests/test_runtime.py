@@ -435,3 +435,65 @@ def test_cli_entry_point_runs_as_a_program(tiny_bundle, sentences_file, tmp_path
     result = subprocess.run([sys.executable, "-m", "sbert_bundle.cli", "inspect", str(tmp_path / "missing")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "error:" in result.stderr
+
+
+# --- paths and archives that try to reach outside the bundle -------------------------------
+
+def test_variant_file_outside_the_bundle_is_refused(tiny_bundle, tmp_path):
+    root = copy_bundle(tiny_bundle, tmp_path)
+    shutil.copy(root / "onnx" / "model.onnx", tmp_path / "outside.onnx")
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    manifest["variants"]["fp32"]["file"] = "../outside.onnx"
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=r"\.\./outside\.onnx: read by the runtime but not listed"):
+        Bundle.load(root, variant="fp32")
+
+
+def test_symlinked_file_is_refused(tiny_bundle, tmp_path):
+    root = copy_bundle(tiny_bundle, tmp_path)
+    target = root / "tokenizer_config.json"
+    moved = tmp_path / "elsewhere.json"
+    shutil.move(target, moved)
+    target.symlink_to(moved)
+    with pytest.raises(IntegrityError, match="tokenizer_config.json: a symbolic link"):
+        Bundle.load(root)
+
+
+def test_report_is_read_only_from_inside_the_archive(tiny_bundle, tmp_path, monkeypatch):
+    import tarfile
+
+    archive = tmp_path / "flat.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # manifest at the archive's top level
+        for p in sorted(tiny_bundle.rglob("*")):
+            tar.add(p, arcname=p.relative_to(tiny_bundle).as_posix(), recursive=False)
+    planted = tmp_path / "tmpdir"
+    planted.mkdir()
+    (planted / "verify.json").write_text("{not json")
+    monkeypatch.setenv("TMPDIR", str(planted))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    bundle = Bundle.load(archive)
+    assert bundle.report is None and bundle.variant == "fp32-fused"
+
+
+def test_cli_truncated_archive_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    from stages.package import archive
+
+    full = tmp_path / "b.tar.gz"
+    archive(tiny_bundle, full, 1)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert main(["inspect", str(cut)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_verify_stage_on_a_tampered_bundle_is_one_error_line(tiny_bundle, tiny_model, tmp_path):
+    root = copy_bundle(tiny_bundle, tmp_path)
+    (root / "tokenizer_config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "stages.verify", "--bundle", str(root), "--reference",
+                             str(tiny_model), "--out", str(tmp_path / "v"), "--params", str(REPO / "params.yaml")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: bundle" in result.stderr and "tokenizer_config.json" in result.stderr
