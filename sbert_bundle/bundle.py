@@ -54,6 +54,8 @@ def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | 
         v = variants[name]
         if device is None:
             return (9, 0.0, name)
+        if passed is not None and name not in passed:
+            return (7, 0.0, name)
         if v["backend"] == "tensorrt":
             return (0, 0.0, name)
         if device == "cuda":
@@ -61,16 +63,15 @@ def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | 
         if v.get("precision") == "fp16":  # runs on CPU, but only for checking: never chosen first
             return (8, 0.0, name)
         if passed is not None:
-            if name not in passed:
-                return (7, 0.0, name)
             return (2, -passed[name].get("sentences_per_s", 0.0), name)
         return (3, CPU_PREFERENCE.index(name) if name in CPU_PREFERENCE else 9, name)
 
     ranked = []
     for name in sorted(variants, key=key):
         device, reason = placed[name]
-        if device is not None and passed is not None and name not in passed and variants[name]["backend"] != "tensorrt":
-            reason = "did not pass its verify gates"
+        if device is not None and passed is not None and name not in passed:
+            checked = name in report.get("variants", {})
+            reason = "did not pass its verify gates" if checked else "not checked by the verify report"
         ranked.append((name, device, reason))
     return ranked
 

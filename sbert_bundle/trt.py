@@ -49,13 +49,23 @@ def plan_compatibility(variant: dict) -> tuple[str | None, str]:
     except Exception as e:  # noqa: BLE001 - missing cuda-python, driver or device
         return None, f"no usable CUDA GPU ({type(e).__name__}: {e})"
     flags = set(meta.get("flags", []))
-    if "VERSION_COMPATIBLE" not in flags and trt.__version__ != meta.get("tensorrt_version"):
+    built, running = _version(meta.get("tensorrt_version", "0")), _version(trt.__version__)
+    if "VERSION_COMPATIBLE" in flags:  # runs on the same major version, same or newer
+        if running[0] != built[0] or running < built:
+            return None, f"plan built with TensorRT {meta.get('tensorrt_version')} (version-compatible), this is {trt.__version__}"
+    elif running != built:
         return None, f"plan built with TensorRT {meta.get('tensorrt_version')}, this is {trt.__version__}"
-    if "HARDWARE_COMPATIBLE_AMPERE_PLUS" not in flags and (here["gpu"], here["compute_capability"]) != (
-            meta.get("gpu"), meta.get("compute_capability")):
+    if "HARDWARE_COMPATIBLE_AMPERE_PLUS" in flags:
+        if _version(here["compute_capability"]) < (8, 0):
+            return None, f"plan needs an Ampere or newer GPU, this is {here['gpu']} (sm {here['compute_capability']})"
+    elif (here["gpu"], here["compute_capability"]) != (meta.get("gpu"), meta.get("compute_capability")):
         return None, (f"plan built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), "
                       f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
     return "cuda", ""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(".") if p.isdigit())
 
 
 class TrtBackend:
@@ -66,7 +76,10 @@ class TrtBackend:
 
         self.trt = trt
         self.cudart = _cudart()
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if "VERSION_COMPATIBLE" in variant.get("tensorrt", {}).get("flags", []):
+            runtime.engine_host_code_allowed = True  # version-compatible plans embed their own runtime code
+        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path}")
         self.context = self.engine.create_execution_context()
@@ -78,12 +91,12 @@ class TrtBackend:
         self.lock = threading.Lock()  # one execution context: calls take turns
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
-    def _pick_profile(self, shape: tuple[int, int]) -> int:
+    def _pick_profile(self, shape: tuple[int, int]) -> int | None:
         for idx in range(self.engine.num_optimization_profiles):
             lo, _, hi = self.engine.get_tensor_profile_shape(self.input_names[0], idx)
             if all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
                 return idx
-        raise ValueError(f"input shape {shape} fits none of the plan's optimization profiles")
+        return None
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
@@ -95,11 +108,21 @@ class TrtBackend:
         return ptr
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        batch = inputs["input_ids"].shape[0]
+        if self._pick_profile(inputs["input_ids"].shape) is None and batch > 1:  # too many rows: halves
+            half = batch // 2
+            return np.concatenate([self({k: v[:half] for k, v in inputs.items()}),
+                                   self({k: v[half:] for k, v in inputs.items()})])
+        return self._run(inputs)
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shape = inputs["input_ids"].shape
         with self.lock:
             profile = self._pick_profile(shape)
+            if profile is None:
+                raise ValueError(f"input shape {shape} fits none of the plan's optimization profiles")
             if profile != self.profile:
                 self.context.set_optimization_profile_async(profile, self.stream)
                 self.profile = profile

@@ -22,6 +22,7 @@ from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params,
 
 log = logging.getLogger("stages.build_trt")
 ONNX = ARTIFACTS / "onnx" / "model.onnx"
+SPLIT = ARTIFACTS / "split"
 OUT = ARTIFACTS / "trt"
 
 
@@ -61,6 +62,14 @@ def profile_shapes(profile: dict, input_names: list[str], name: str) -> dict[str
         if not all(a <= b <= c for a, b, c in zip(*shapes[inp].values())):
             raise StageError(f"trt.profiles.{name} for {inp}: need min <= opt <= max, got {shapes[inp]}")
     return shapes
+
+
+def check_coverage(profiles: dict, max_seq_length: int) -> None:
+    """Some profile must take sequences as long as the tokenizer produces."""
+    longest = max(spec["max"][1] for spec in profiles.values())
+    if longest < max_seq_length:
+        raise StageError(f"trt.profiles allow sequences up to {longest} tokens, but the model's max_seq_length "
+                         f"is {max_seq_length}: raise the max length of a profile")
 
 
 def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> dict:
@@ -109,7 +118,8 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
         profiles[name] = {inp: {k: list(v) for k, v in s.items()} for inp, s in shapes.items()}
 
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise StageError(f"the timing cache {cache_path} does not match this GPU / TensorRT: delete it to rebuild it")
     gpu = gpu_info()
     log.info("TensorRT %s builder config: onnx=%s precision=%s flags=%s workspace=%sGiB profiles=%s gpu=%s",
              trt.__version__, onnx_path, cfg["precision"], flags, cfg["workspace_gib"], profiles, gpu)
@@ -129,8 +139,10 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
     return {"name": name, "file": f"{name}.plan", "precision": cfg["precision"], "metadata": metadata}
 
 
-def run(cfg: dict, onnx_path: Path, out_dir: Path) -> dict:
+def run(cfg: dict, onnx_path: Path, out_dir: Path, max_seq_length: int | None = None) -> dict:
     cache_path = Path(cfg["timing_cache"])
+    if max_seq_length:
+        check_coverage(cfg["profiles"], max_seq_length)
     if not cfg["enabled"]:
         record = {"skipped": True, "reason": "trt.enabled is false", "plans": []}
     else:
@@ -149,9 +161,11 @@ def run(cfg: dict, onnx_path: Path, out_dir: Path) -> dict:
 
 def main() -> None:
     def body(args):
+        from sbert_bundle.head import load_head
+
         cfg = load_params(args.params)["trt"]
         with atomic_dir(OUT) as tmp:
-            run(cfg, ONNX, tmp)
+            run(cfg, ONNX, tmp, load_head(SPLIT / "modules").max_seq_length)
 
     stage_main(__doc__, body)
 

@@ -66,3 +66,10 @@ def test_plan_builds_runs_and_matches_onnxruntime(tiny_bundle, tmp_path, params)
     a, b = trt_out[mask], ref[mask]
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.min() > 0.999
+
+
+def test_profiles_must_reach_max_seq_length(params):
+    short = {"only": {"min": [1, 1], "opt": [1, 16], "max": [8, 128]}}
+    with pytest.raises(StageError, match="up to 128 tokens, but the model's max_seq_length is 256"):
+        build_trt.check_coverage(short, 256)
+    build_trt.check_coverage(params["trt"]["profiles"], 384)  # the defaults cover all-mpnet-base-v2
