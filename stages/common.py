@@ -38,6 +38,13 @@ def params_digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
+def row_cosines(a, b):
+    """Cosine similarity of each row of a with the same row of b (sentence embeddings)."""
+    import numpy as np
+
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 def write_json(path: Path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+from .common import ARTIFACTS, StageError, atomic_dir, load_params, row_cosines, stage_main, write_json
 from .export_onnx import validation_batches
 
 log = logging.getLogger("stages.convert_fp16")
@@ -52,12 +52,6 @@ def convert(src: Path, dest: Path, cfg: dict) -> list[str]:
     return kept
 
 
-def token_cosines(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Cosine per non-padding token between two (batch, seq, dim) outputs."""
-    a, b = a[mask.astype(bool)], b[mask.astype(bool)]
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-
-
 def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, name: str) -> dict:
     """Sentence embeddings (through the bundle's head) of fp16 vs fp32 on CPU; the gate is on
     those, as in verify. A valid graph the CPU provider cannot run is recorded, not failed."""
@@ -80,10 +74,9 @@ def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, na
         if not np.isfinite(out16).all():
             raise StageError(f"{name}: {fp16.name} produced inf/NaN on batch {b['input_ids'].shape} (fp16 "
                              "overflow): keep the overflowing ops in fp32 via fp16.op_block_list / node_block_list")
-        token_cos.append(token_cosines(out32, out16, b["attention_mask"]))
-        e32, e16 = head(out32, b["attention_mask"]), head(out16, b["attention_mask"])
-        sentence_cos.append((e32 * e16).sum(1) / np.maximum(
-            np.linalg.norm(e32, axis=1) * np.linalg.norm(e16, axis=1), 1e-12))
+        valid = b["attention_mask"].astype(bool)
+        token_cos.append(row_cosines(out32[valid], out16[valid]))
+        sentence_cos.append(row_cosines(head(out32, b["attention_mask"]), head(out16, b["attention_mask"])))
         max_diff = max(max_diff, float(np.abs(out32 - out16).max()))
     worst = float(np.concatenate(sentence_cos).min())
     if worst < min_cos:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+from .common import ARTIFACTS, StageError, atomic_dir, load_params, row_cosines, stage_main, write_json
 
 log = logging.getLogger("stages.quantize")
 ONNX = ARTIFACTS / "onnx"
@@ -174,7 +174,7 @@ def embedding_cosines(fp32: Path, int8: Path, batches: list[dict], head) -> np.n
     cos = []
     for b in batches:
         a, q = (head(s.run(None, {n: b[n] for n in names})[0], b["attention_mask"]) for s in sessions)
-        cos.append((a * q).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(q, axis=1), 1e-12))
+        cos.append(row_cosines(a, q))
     return np.concatenate(cos)
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .common import (ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, progress_enabled, stage_main,
-                     write_json)
+from .common import (ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, progress_enabled, row_cosines,
+                     stage_main, write_json)
 
 log = logging.getLogger("stages.verify")
 BUNDLE = ARTIFACTS / "bundle"
@@ -78,7 +78,7 @@ def spearman_of_similarities(ref: np.ndarray, emb: np.ndarray) -> float:
 
 
 def parity(ref: np.ndarray, emb: np.ndarray, sentences: list[str]) -> tuple[dict, np.ndarray]:
-    cos = (_unit(ref) * _unit(emb)).sum(axis=1)
+    cos = row_cosines(ref, emb)
     worst = int(np.argmin(cos))
     return {
         "min_cosine": float(cos.min()),

@@ -40,6 +40,11 @@ def _lookup(params, dotted):
     return node
 
 
+def resolve(path: str, params: dict) -> str:
+    """dvc.yaml's ${a.b} templates, filled from params.yaml as DVC does."""
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: str(_lookup(params, m.group(1))), path)
+
+
 @pytest.mark.parametrize("name", list(DVC["stages"]))
 def test_stage_lists_its_module_and_real_params(name, params):
     stage = DVC["stages"][name]
@@ -48,8 +53,10 @@ def test_stage_lists_its_module_and_real_params(name, params):
     assert module.replace(".", "/") + ".py" in stage["deps"]
     for key in stage.get("params", []):
         _lookup(params, key)  # KeyError if the stage lists a key params.yaml lacks
+    for dep in stage["deps"]:
+        assert (REPO / resolve(dep, params)).exists() or resolve(dep, params).startswith("artifacts/"), dep
     for out in stage.get("outs", []):
-        out = next(iter(out)) if isinstance(out, dict) else out
+        out = resolve(next(iter(out)) if isinstance(out, dict) else out, params)
         assert out.startswith("artifacts/"), f"{name} writes {out} outside artifacts/"
 
 

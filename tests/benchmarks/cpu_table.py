@@ -39,6 +39,7 @@ def main() -> None:
 
     from sbert_bundle import Bundle
     from sbert_bundle.bundle import rank_variants
+    from stages.common import row_cosines
 
     sentences = [json.loads(line) for line in args.corpus.read_text(encoding="utf-8").splitlines()]
     reference = SentenceTransformer(str(args.reference), device="cpu")
@@ -52,7 +53,7 @@ def main() -> None:
     for name in cpu:
         bundle = Bundle.load(args.bundle, variant=name, verify_integrity=False)
         emb = bundle.encode(sentences, batch_size=args.batch_size)
-        cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+        cos = row_cosines(emb, ref)
         ratios, ours, theirs = [], [], []
         for _ in range(args.rounds):
             t_ref = timed(encode_ref)
