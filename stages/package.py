@@ -127,9 +127,12 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         raise StageError(str(e)) from None
 
 
-def archive(bundle: Path, dest: Path, level: int) -> None:
+def archive(bundle: Path, dest: Path, level: int, extra: dict[str, Path] | None = None) -> None:
+    """dest.tar.gz holding bundle/ (and extra files at the top, by archive name)."""
     with tarfile.open(dest, "w:gz", compresslevel=level) as tar:
         tar.add(bundle, arcname="bundle")
+        for name, path in (extra or {}).items():
+            tar.add(path, arcname=name)
 
 
 def main() -> None:

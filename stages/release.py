@@ -9,10 +9,12 @@ variant that passed. Runs only after `verify` succeeded (DVC stops at a failed s
 from __future__ import annotations
 
 import logging
-import tarfile
 from pathlib import Path
 
+from sbert_bundle.bundle import REPORT_FILE
+
 from .common import ARTIFACTS, StageError, atomic_dir, load_params, read_json, stage_main
+from .package import archive
 
 log = logging.getLogger("stages.release")
 BUNDLE = ARTIFACTS / "bundle"
@@ -29,9 +31,7 @@ def run(model: dict, compresslevel: int, bundle: Path, report: Path, out_dir: Pa
         raise StageError(f"{report} was made for the bundle created {verdict['bundle'].get('created')}, "
                          f"but {bundle} was created {manifest.get('created')}: run verify again")
     dest = out_dir / f"{model['name']}-{model['version']}.tar.gz"
-    with tarfile.open(dest, "w:gz", compresslevel=compresslevel) as tar:
-        tar.add(bundle, arcname="bundle")
-        tar.add(report, arcname="verify.json")
+    archive(bundle, dest, compresslevel, extra={REPORT_FILE: report})
     return dest
 
 
