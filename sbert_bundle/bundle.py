@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -239,11 +238,3 @@ def _explain(head: str, ranked) -> str:
     for name, device, reason in ranked:
         lines.append(f"  {name}: " + (f"runs here on {device}" if device and not reason else f"not usable: {reason}"))
     return "\n".join(lines)
-
-
-def extract_to(archive: Path, dest: Path) -> Path:
-    """Unpack a bundle archive into dest (used by tests and the CLI)."""
-    root, tmp = _extract_tarball(archive)
-    shutil.copytree(root, dest)
-    tmp.cleanup()
-    return dest

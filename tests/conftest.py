@@ -9,7 +9,6 @@ the real stage functions (fetch → split → export_onnx → convert_fp16 → p
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -164,6 +163,3 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_bundle(tmp_path_factory, tiny_model, params) -> Path:
     return build_bundle(tiny_model, tmp_path_factory.mktemp("tiny-build"), fast_params(params))
 
-
-def load_json(path: Path):
-    return json.loads(Path(path).read_text())
