@@ -182,7 +182,8 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
               "variants": {}, "skipped": skipped, "failures": []}
     latency_rows, cosines = [], {}
     for name in tqdm(names, desc="verify variants", unit="variant", disable=not progress_enabled()):
-        bundle = Bundle.load(bundle_path, variant=name, threads=threads, verify_integrity=False)
+        # the probe already extracted (if an archive) and checked the bundle: load from its folder
+        bundle = Bundle.load(probe.root, variant=name, threads=threads, verify_integrity=False)
         emb = bundle.encode(sentences, batch_size=bs)
         metrics, cos = parity(ref, emb, sentences)
         cosines[name] = cos
