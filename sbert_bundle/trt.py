@@ -1,8 +1,12 @@
-"""TensorRT backend: run a plan built by `stages.build_trt` (optional: tensorrt + cuda-python).
+"""TensorRT backend: run a plan built by `stages.build_trt` (optional: TensorRT + cuda-python).
 
-A plan only runs on the GPU model and TensorRT version it was built for (unless it was
-built hardware- or version-compatible); `plan_compatibility` checks that before loading.
-Install on a GPU machine:  pip install tensorrt-cu12 cuda-python
+A plan only runs on the GPU model and TensorRT version it was built for, unless it was built
+hardware-compatible (Ampere or newer, or the same compute capability) or version-compatible
+(later TensorRT of the same major version); `plan_compatibility` checks that before loading.
+Runtimes, on a GPU machine:
+  pip install tensorrt-cu13 cuda-python        full TensorRT (NVIDIA's index serves its libraries)
+  pip install tensorrt-lean-cu13 cuda-python   the lean runtime, from PyPI: runs version-compatible
+                                               plans only (build with trt.version_compatible: true)
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
 
 def _cudart():
     try:
@@ -24,7 +27,7 @@ def _cudart():
 def _check(result):
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
+        raise RuntimeError(f"CUDA error {getattr(err, 'name', err)} ({int(err)})")
     return rest[0] if len(rest) == 1 else rest
 
 
@@ -37,27 +40,51 @@ def gpu_here() -> dict:
     return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def load_tensorrt(meta: dict):
+    """(module, "") for the TensorRT runtime that can load this plan, else (None, reason)."""
+    try:
+        import tensorrt as trt
+
+        return trt, ""
+    except ImportError:
+        pass
+    try:
+        import tensorrt_lean as trt
+    except ImportError:
+        return None, ("TensorRT is not installed here (on a GPU machine: pip install tensorrt-cu13 cuda-python, "
+                      "or tensorrt-lean-cu13 for version-compatible plans)")
+    if "VERSION_COMPATIBLE" not in meta.get("flags", []):
+        return None, ("only the TensorRT lean runtime is installed, and it runs version-compatible plans only; "
+                      "this plan is not (pip install tensorrt-cu13, or rebuild with trt.version_compatible: true)")
+    return trt, ""
+
+
 def plan_compatibility(variant: dict) -> tuple[str | None, str]:
     """("cuda", "") when the plan can run here, else (None, reason)."""
     meta = variant.get("tensorrt", {})
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return None, "TensorRT is not installed here (pip install tensorrt-cu12 cuda-python on a GPU machine)"
+    trt, why = load_tensorrt(meta)
+    if trt is None:
+        return None, why
     try:
         here = gpu_here()
-    except Exception as e:  # noqa: BLE001 - missing cuda-python, driver or device
+    except ImportError:
+        return None, "cuda-python is not installed here (pip install cuda-python): the TensorRT backend needs it"
+    except Exception as e:  # noqa: BLE001 - no driver or no device
         return None, f"no usable CUDA GPU ({type(e).__name__}: {e})"
-    flags = set(meta.get("flags", []))
     built, running = _version(meta.get("tensorrt_version", "0")), _version(trt.__version__)
-    if "VERSION_COMPATIBLE" in flags:  # runs on the same major version, same or newer
+    if "VERSION_COMPATIBLE" in meta.get("flags", []):  # runs on the same major version, same or newer
         if running[0] != built[0] or running < built:
             return None, f"plan built with TensorRT {meta.get('tensorrt_version')} (version-compatible), this is {trt.__version__}"
     elif running != built:
         return None, f"plan built with TensorRT {meta.get('tensorrt_version')}, this is {trt.__version__}"
-    if "HARDWARE_COMPATIBLE_AMPERE_PLUS" in flags:
+    level = meta.get("hardware_compatibility", "NONE")
+    if level == "AMPERE_PLUS":
         if _version(here["compute_capability"]) < (8, 0):
             return None, f"plan needs an Ampere or newer GPU, this is {here['gpu']} (sm {here['compute_capability']})"
+    elif level == "SAME_COMPUTE_CAPABILITY":
+        if here["compute_capability"] != meta.get("compute_capability"):
+            return None, (f"plan built for compute capability {meta.get('compute_capability')}, "
+                          f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
     elif (here["gpu"], here["compute_capability"]) != (meta.get("gpu"), meta.get("compute_capability")):
         return None, (f"plan built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), "
                       f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
@@ -72,13 +99,15 @@ class TrtBackend:
     """Deserialize a plan, pick the optimization profile by input shape, run on device buffers."""
 
     def __init__(self, path: Path, variant: dict):
-        import tensorrt as trt
-
+        flags = variant.get("tensorrt", {}).get("flags", [])
+        trt, why = load_tensorrt(variant.get("tensorrt", {}))
+        if trt is None:
+            raise RuntimeError(why)
         self.trt = trt
         self.cudart = _cudart()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        if "VERSION_COMPATIBLE" in variant.get("tensorrt", {}).get("flags", []):
-            runtime.engine_host_code_allowed = True  # version-compatible plans embed their own runtime code
+        if "VERSION_COMPATIBLE" in flags and "EXCLUDE_LEAN_RUNTIME" not in flags:
+            runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime it was built with
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path}")

@@ -1,14 +1,18 @@
-"""Stage `build_trt`: TensorRT plans from the ONNX graph (TensorRT 10 Python API).
+"""Stage `build_trt`: TensorRT plans from the ONNX graph (TensorRT 10 or 11 Python API).
 
-Reads artifacts/onnx/model.onnx (fp32 graph, built with the FP16 flag and overflow-prone
-layers pinned to fp32) and writes artifacts/trt/:
+Precision comes from the graph, not from builder flags: the network is strongly typed (the
+only mode TensorRT 11 has; FP16 builder flags and per-layer precision are gone there). An
+fp16 plan is built from artifacts/fp16/model_fp16.onnx, the onnxconverter-common graph that
+already passed the fp16 parity gate with conf/fp16's ops kept in fp32; an fp32 plan from
+artifacts/onnx/model.onnx with TF32 off. (The fused graphs hold onnxruntime-only ops that
+TensorRT does not parse.) Writes artifacts/trt/:
   <variant>.plan   one plan holding every optimization profile of conf/trt/profiles
   build.json       plans with their metadata (TensorRT version, GPU, compute capability,
                    profiles, flags), or `skipped` with the reason when TensorRT or a GPU is absent
 The timing cache (trt.timing_cache) is read before and written after each build, so
 rebuilds reuse measured tactics; DVC keeps it between runs (persist).
 
-Where TensorRT exists:  pip install tensorrt-cu12 (or -cu13), then `dvc repro build_trt`.
+Where TensorRT exists:  pip install tensorrt-cu13 (or -cu12), then `dvc repro build_trt`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pathlib import Path
 from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
 
 log = logging.getLogger("stages.build_trt")
-ONNX = ARTIFACTS / "onnx" / "model.onnx"
+GRAPHS = {"fp16": ARTIFACTS / "fp16" / "model_fp16.onnx", "fp32": ARTIFACTS / "onnx" / "model.onnx"}
 SPLIT = ARTIFACTS / "split"
 OUT = ARTIFACTS / "trt"
+HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
 
 def availability() -> tuple[object | None, str]:
@@ -31,7 +36,7 @@ def availability() -> tuple[object | None, str]:
     try:
         import tensorrt as trt
     except ImportError as e:
-        return None, f"TensorRT is not installed ({e}); where it can be: pip install tensorrt-cu12"
+        return None, f"TensorRT is not installed ({e}); where it can be: pip install tensorrt-cu13"
     try:
         import torch
 
@@ -72,10 +77,39 @@ def check_coverage(profiles: dict, max_seq_length: int) -> None:
                          f"is {max_seq_length}: raise the max length of a profile")
 
 
+def settings(cfg: dict) -> dict:
+    """The builder settings conf/trt asks for, checked before TensorRT is touched."""
+    if cfg["precision"] not in GRAPHS:
+        raise StageError(f"trt.precision is {cfg['precision']!r}; choose one of {sorted(GRAPHS)}")
+    level = str(cfg["hardware_compatibility"]).lower()
+    if level not in HARDWARE_LEVELS:
+        raise StageError(f"trt.hardware_compatibility is {cfg['hardware_compatibility']!r}; "
+                         f"choose one of {sorted(HARDWARE_LEVELS)}")
+    if cfg["exclude_lean_runtime"] and not cfg["version_compatible"]:
+        raise StageError("trt.exclude_lean_runtime needs trt.version_compatible: true")
+    flags = ["VERSION_COMPATIBLE"] * bool(cfg["version_compatible"]) + \
+        ["EXCLUDE_LEAN_RUNTIME"] * bool(cfg["exclude_lean_runtime"])
+    return {"precision": cfg["precision"], "hardware_compatibility": HARDWARE_LEVELS[level], "flags": flags,
+            "tf32": cfg["precision"] != "fp32"}  # fp32 plans must match the fp32 graph: no TF32 matmuls
+
+
+def network_flags(trt) -> int:
+    """Strongly typed: TensorRT 11 has no other mode (its flag is ignored); 10 needs the flag."""
+    if int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> dict:
+    wanted = settings(cfg)
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise StageError(f"TensorRT {trt.__version__} is installed; build_trt needs TensorRT 10 or later")
+    if not onnx_path.is_file():
+        raise StageError(f"{onnx_path} not found: a {cfg['precision']} plan is built from it "
+                         "(run the export_onnx and convert_fp16 stages first)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -86,27 +120,15 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_gib"] * (1 << 30)))
-    flags = []
-    if cfg["precision"] == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        flags += ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
-        pinned = 0
-        patterns = [re.compile(p) for p in cfg["fp32_layer_patterns"]]
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if any(p.search(layer.name) for p in patterns):
-                layer.precision = trt.float32
-                for o in range(layer.num_outputs):
-                    layer.set_output_type(o, trt.float32)
-                pinned += 1
-        log.info("fp16 build: %d layers pinned to fp32 (patterns %s)", pinned, cfg["fp32_layer_patterns"])
-    if cfg["hardware_compatible"]:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-        flags.append("HARDWARE_COMPATIBLE_AMPERE_PLUS")
-    if cfg["version_compatible"]:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        flags.append("VERSION_COMPATIBLE")
+    if not wanted["tf32"]:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in wanted["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    level = getattr(trt.HardwareCompatibilityLevel, wanted["hardware_compatibility"], None)
+    if level is None:
+        raise StageError(f"TensorRT {trt.__version__} has no hardware compatibility level "
+                         f"{wanted['hardware_compatibility']}; it has {list(trt.HardwareCompatibilityLevel.__members__)}")
+    config.hardware_compatibility_level = level
 
     profiles = {}
     for name, spec in cfg["profiles"].items():
@@ -121,26 +143,33 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise StageError(f"the timing cache {cache_path} does not match this GPU / TensorRT: delete it to rebuild it")
     gpu = gpu_info()
-    log.info("TensorRT %s builder config: onnx=%s precision=%s flags=%s workspace=%sGiB profiles=%s gpu=%s",
-             trt.__version__, onnx_path, cfg["precision"], flags, cfg["workspace_gib"], profiles, gpu)
+    log.info("TensorRT %s builder config: onnx=%s strongly typed, precision from the graph (%s), tf32=%s "
+             "flags=%s hardware_compatibility=%s workspace=%sGiB profiles=%s gpu=%s", trt.__version__, onnx_path,
+             wanted["precision"], wanted["tf32"], wanted["flags"], wanted["hardware_compatibility"],
+             cfg["workspace_gib"], profiles, gpu)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise StageError(f"TensorRT build of {onnx_path} failed (see the TensorRT errors above)")
     elapsed = time.perf_counter() - start
     log.info("TensorRT build took %.1f s", elapsed)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu["gpu"].lower()).strip("-")
-    name = f"trt-{cfg['precision']}-{'+'.join(profiles)}-{slug}-trt{trt.__version__}"
+    target = {"NONE": gpu["gpu"], "AMPERE_PLUS": "ampere-plus",
+              "SAME_COMPUTE_CAPABILITY": f"sm{gpu['compute_capability']}"}[wanted["hardware_compatibility"]]
+    slug = re.sub(r"[^a-z0-9]+", "-", target.lower()).strip("-")
+    name = f"trt-{wanted['precision']}-{'+'.join(profiles)}-{slug}-trt{trt.__version__}"
     (out_dir / f"{name}.plan").write_bytes(bytes(plan))
     with atomic_file(cache_path) as tmp:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     metadata = {"tensorrt_version": trt.__version__, **gpu, "profiles": profiles, "profile_order": list(profiles),
-                "flags": flags, "input_names": input_names, "build_seconds": round(elapsed, 1)}
-    return {"name": name, "file": f"{name}.plan", "precision": cfg["precision"], "metadata": metadata}
+                "flags": wanted["flags"], "hardware_compatibility": wanted["hardware_compatibility"],
+                "strongly_typed": True, "tf32": wanted["tf32"], "source_graph": onnx_path.name,
+                "input_names": input_names, "build_seconds": round(elapsed, 1)}
+    return {"name": name, "file": f"{name}.plan", "precision": wanted["precision"], "metadata": metadata}
 
 
 def run(cfg: dict, onnx_path: Path, out_dir: Path, max_seq_length: int | None = None) -> dict:
     cache_path = Path(cfg["timing_cache"])
+    settings(cfg)
     if max_seq_length:
         check_coverage(cfg["profiles"], max_seq_length)
     if not cfg["enabled"]:
@@ -165,7 +194,7 @@ def main() -> None:
 
         cfg = load_params(args.params)["trt"]
         with atomic_dir(OUT) as tmp:
-            run(cfg, ONNX, tmp, load_head(SPLIT / "modules").max_seq_length)
+            run(cfg, GRAPHS.get(cfg["precision"], GRAPHS["fp16"]), tmp, load_head(SPLIT / "modules").max_seq_length)
 
     stage_main(__doc__, body)
 

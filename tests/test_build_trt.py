@@ -54,9 +54,10 @@ def test_plan_builds_runs_and_matches_onnxruntime(tiny_bundle, tmp_path, params)
 
     cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin"),
            "profiles": {"small": {"min": [1, 1], "opt": [4, 16], "max": [16, 64], "per_input": {}}}}
-    record = build_trt.run(cfg, tiny_bundle / "onnx" / "model.onnx", tmp_path)
+    record = build_trt.run(cfg, tiny_bundle / "onnx" / "model_fp16.onnx", tmp_path)  # fp16: strongly typed
     plan = record["plans"][0]
     assert plan["metadata"]["tensorrt_version"] == TRT.__version__
+    assert plan["metadata"]["source_graph"] == "model_fp16.onnx" and plan["metadata"]["strongly_typed"]
     assert (tmp_path / "cache.bin").stat().st_size > 0
     ort = Bundle.load(tiny_bundle, variant="fp32")
     features = ort.tokenizer(SENTENCES[:4])
@@ -73,3 +74,23 @@ def test_profiles_must_reach_max_seq_length(params):
     with pytest.raises(StageError, match="up to 128 tokens, but the model's max_seq_length is 256"):
         build_trt.check_coverage(short, 256)
     build_trt.check_coverage(params["trt"]["profiles"], 384)  # the defaults cover all-mpnet-base-v2
+
+
+def test_settings_follow_the_config(params):
+    cfg = {**params["trt"], "precision": "fp32", "hardware_compatibility": "same_compute_capability",
+           "version_compatible": True, "exclude_lean_runtime": True}
+    assert build_trt.settings(cfg) == {"precision": "fp32", "hardware_compatibility": "SAME_COMPUTE_CAPABILITY",
+                                       "flags": ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"], "tf32": False}
+    assert build_trt.settings(params["trt"])["tf32"]  # fp16 plans may use TF32 where the graph keeps fp32
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"precision": "int8"}, r"trt.precision is 'int8'; choose one of \['fp16', 'fp32'\]"),
+    ({"hardware_compatibility": "hopper"}, r"trt.hardware_compatibility is 'hopper'; choose one of"),
+    ({"exclude_lean_runtime": True}, r"exclude_lean_runtime needs trt.version_compatible: true"),
+])
+def test_bad_settings_are_refused_before_anything_is_built(change, message, params, tmp_path):
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin"), **change}
+    with pytest.raises(StageError, match=message):
+        build_trt.run(cfg, tmp_path / "model.onnx", tmp_path)
+    assert not (tmp_path / "build.json").exists()

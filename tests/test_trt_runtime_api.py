@@ -1,0 +1,102 @@
+"""sbert_bundle.trt against the real TensorRT runtime API and cuda-python, without a GPU.
+
+Where TensorRT (`tensorrt`, or the lean runtime `tensorrt_lean` that PyPI serves as
+tensorrt-lean-cu13) and cuda-python are installed, every name the TensorRT backend calls must
+exist in them: an API that TensorRT renamed or removed (TensorRT 11 dropped several) fails here
+instead of on the first GPU machine. Building and running a plan needs a GPU: test_build_trt.py.
+"""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from sbert_bundle import trt as trt_backend
+
+
+def _module(*names):
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+TRT = _module("tensorrt", "tensorrt_lean")
+try:
+    CUDART = trt_backend._cudart()
+except ImportError:
+    CUDART = None
+needs_trt = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_lean is installed "
+                               "(pip install tensorrt-lean-cu13 gives the lean runtime from PyPI)")
+needs_cudart = pytest.mark.skipif(CUDART is None, reason="cuda-python is not installed (pip install cuda-python)")
+
+
+def attribute_chains(path: Path) -> set[tuple[str, ...]]:
+    """Every dotted access a.b.c in the file, as ('a', 'b', 'c'), with `self.` dropped."""
+    chains = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Attribute):
+            continue
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Name):
+            parts.append(node.id)
+            chain = tuple(reversed(parts))
+            chains.add(chain[1:] if chain[0] == "self" else chain)
+    return chains
+
+
+def resolve(root, names):
+    obj = root
+    for name in names:
+        obj = getattr(obj, name)
+    return obj
+
+
+@needs_trt
+def test_every_tensorrt_name_the_backend_uses_exists():
+    roots = {"trt": TRT, "runtime": TRT.Runtime, "engine": TRT.ICudaEngine, "context": TRT.IExecutionContext}
+    used = [c for c in attribute_chains(Path(trt_backend.__file__)) if c[0] in roots and len(c) > 1]
+    assert {c[0] for c in used} == set(roots), used  # the scan sees the backend's calls at all
+    missing = []
+    for chain in used:
+        try:
+            resolve(roots[chain[0]], chain[1:])
+        except AttributeError:
+            missing.append(".".join(chain))
+    assert not missing, f"not in TensorRT {TRT.__version__} ({TRT.__name__}): {missing}"
+
+
+@needs_cudart
+def test_every_cuda_runtime_name_the_backend_uses_exists():
+    used = [c for c in attribute_chains(Path(trt_backend.__file__)) if c[0] == "cudart" and len(c) > 1]
+    assert len(used) >= 6, used
+    missing = [".".join(c) for c in used if not hasattr(resolve(CUDART, c[1:-1]), c[-1])]
+    assert not missing, f"not in cuda-python's runtime bindings: {missing}"
+
+
+@needs_trt
+@needs_cudart
+def test_without_a_gpu_a_plan_is_refused_with_the_reason():
+    try:
+        trt_backend.gpu_here()
+        pytest.skip("a CUDA GPU is present here: test_build_trt.py runs a real plan instead")
+    except RuntimeError:
+        pass
+    meta = {"tensorrt_version": TRT.__version__, "flags": ["VERSION_COMPATIBLE"], "gpu": "NVIDIA H100 80GB HBM3",
+            "compute_capability": "9.0", "hardware_compatibility": "NONE"}
+    device, why = trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
+    assert device is None and why.startswith("no usable CUDA GPU (RuntimeError: CUDA error cuda")
+
+
+@pytest.mark.skipif(_module("tensorrt") is not None or _module("tensorrt_lean") is None,
+                    reason="needs the lean runtime without full TensorRT")
+def test_lean_runtime_refuses_a_plan_that_is_not_version_compatible():
+    meta = {"tensorrt_version": TRT.__version__, "flags": [], "hardware_compatibility": "NONE"}
+    device, why = trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
+    assert device is None and "runs version-compatible plans only" in why
