@@ -85,18 +85,25 @@ class OrtCudaBackend:
     that holds it (padding is masked, so valid tokens are unchanged) and the bucket's run is
     captured once as a CUDA graph and replayed after (run option gpu_graph_id); a batch larger
     than every bucket runs without a graph. Calls take turns: graphs replay shared buffers.
+    device="cpu" runs the same binding and bucketing on the CPU provider, without graphs: tests
+    use it to check this path on machines without a GPU.
     """
 
-    def __init__(self, path: Path, buckets: list[list[int]] | None = None, pad_id: int = 0):
+    def __init__(self, path: Path, buckets: list[list[int]] | None = None, pad_id: int = 0, device: str = "cuda"):
         ort = _ort()
         self.ort = ort
         self.pad_id = pad_id
+        self.device = device
         self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
-        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"})
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=[cuda, "CPUExecutionProvider"])
-        if "CUDAExecutionProvider" not in self.session.get_providers():
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
@@ -106,12 +113,12 @@ class OrtCudaBackend:
         self.bound: dict[tuple[int, int], tuple] = {}  # bucket -> (binding, inputs, output, run options)
         self.lock = threading.Lock()
 
-    def _bind(self, bucket: tuple[int, int], hidden: int):
+    def _bind(self, bucket: tuple[int, int]):
         ort = self.ort
         binding = self.session.io_binding()
-        inputs = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(bucket), np.int64, "cuda", 0)
+        inputs = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(bucket), np.int64, self.device, 0)
                   for name in self.input_names}
-        output = ort.OrtValue.ortvalue_from_shape_and_type([*bucket, hidden], np.float32, "cuda", 0)
+        output = ort.OrtValue.ortvalue_from_shape_and_type([*bucket, self.hidden], np.float32, self.device, 0)
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_output(self.output_name, output)
@@ -126,21 +133,23 @@ class OrtCudaBackend:
         if bucket is None:  # no graph: bind this batch's own buffers
             binding = self.session.io_binding()
             for name in self.input_names:
-                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(inputs[name], "cuda", 0))
-            binding.bind_output(self.output_name, "cuda")
+                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(inputs[name], dtype=np.int64), self.device, 0))
+            binding.bind_output(self.output_name, self.device)
             run_options = self.ort.RunOptions()
             run_options.add_run_config_entry("gpu_graph_id", "-1")
             with self.lock:
                 self.session.run_with_iobinding(binding, run_options)
             return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
         with self.lock:
-            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket, self.hidden)
+            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket)
             for name in self.input_names:  # masked padding: attention_mask is 0 there
                 padded = np.full(bucket, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
                 padded[:batch, :length] = inputs[name]
                 bound_inputs[name].update_inplace(padded)
             self.session.run_with_iobinding(binding, run_options)
-            return output.numpy()[:batch, :length].astype(np.float32, copy=False)
+            out = output.numpy()[:batch, :length]  # from CUDA: a fresh host copy
+            return out.copy() if self.device == "cpu" else out  # a CPU buffer is reused by the next call
 
 
 def open_backend(root: Path, variant: dict, device: str, threads: int | None = None,
