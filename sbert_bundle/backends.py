@@ -96,6 +96,8 @@ class OrtCudaBackend:
         self.device = device
         self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
         if device == "cuda":
+            if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA / cuDNN from the nvidia-* wheels,
+                ort.preload_dlls()            # as `import torch` first would (a no-op where torch did)
             providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"}),
                          "CPUExecutionProvider"]
         else:
