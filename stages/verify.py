@@ -2,7 +2,9 @@
 
 Loads the bundle through sbert_bundle exactly as a consumer would, encodes the evaluation
 corpus with each variant that runs here and with SentenceTransformer.encode (PyTorch),
-and checks the gates in conf/verify/. Writes (never touching the bundle):
+and checks the gates in conf/verify/. Parity is against PyTorch fp32 on the CPU; speed
+("vs torch") against PyTorch on the variant's own device (CPU, or the GPU for CUDA and
+TensorRT variants). Writes (never touching the bundle):
   artifacts/verify/metrics.json   DVC metrics: parity and speed per variant
   artifacts/verify/report.json    the same plus gate results, worst sentences, latency buckets
   artifacts/verify/plots/         DVC plots: latency vs batch size, per-sentence cosine
@@ -161,24 +163,36 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
         raise StageError(f"verify.variants names {unknown}, not in the bundle; it has {sorted(probe.manifest['variants'])}")
 
     log.info("reference: SentenceTransformer(%s) on %d sentences", reference, len(sentences))
-    st = SentenceTransformer(str(reference), device="cpu")
-    st_encode = lambda s: st.encode(s, batch_size=bs, convert_to_numpy=True)  # noqa: E731
-    ref = st_encode(sentences)
+    st = SentenceTransformer(str(reference), device="cpu")  # parity: always the exact fp32 CPU result
+    ref = st.encode(sentences, batch_size=bs, convert_to_numpy=True)
     speed = cfg["speed"]
     vocab = st.tokenizer.vocab_size
-    ref_tput = throughput(st_encode, sentences, speed["throughput_rounds"])
-    ref_lat = {}
-    for b in speed["batch_sizes"]:
-        for length in speed["seq_lengths"]:
-            feats = {k: torch.from_numpy(v) for k, v in bucket_inputs(b, length, vocab).items()}
-            with torch.inference_mode():
-                ref_lat[(b, length)] = _percentiles(time_calls(lambda: st.forward(dict(feats)), speed["warmup"],
-                                                               speed["repeats"]))
+    torch_speed = {}  # device -> PyTorch's throughput and latency there: each variant is compared on its device
 
+    def pytorch_on(device: str) -> dict:
+        if device not in torch_speed:
+            model = st if device == "cpu" else SentenceTransformer(str(reference), device=device)
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            tput = throughput(lambda s: model.encode(s, batch_size=bs, convert_to_numpy=True), sentences,
+                              speed["throughput_rounds"])
+            lat = {}
+            for b in speed["batch_sizes"]:
+                for length in speed["seq_lengths"]:
+                    feats = {k: torch.from_numpy(v).to(device) for k, v in bucket_inputs(b, length, vocab).items()}
+
+                    def forward():
+                        with torch.inference_mode():
+                            model.forward(dict(feats))
+                        sync()
+                    lat[(b, length)] = _percentiles(time_calls(forward, speed["warmup"], speed["repeats"]))
+            torch_speed[device] = {"sentences_per_s": tput, "latency": lat}
+        return torch_speed[device]
+
+    cpu_ref = pytorch_on("cpu")
     report = {"bundle": {k: probe.manifest.get(k) for k in ("name", "version", "created", "params_sha256")},
               "corpus": {"path": str(corpus), "sentences": len(sentences)},
-              "reference": {"kind": "sentence-transformers", "path": str(reference),
-                            "sentences_per_s": ref_tput},
+              "reference": {"kind": "sentence-transformers", "path": str(reference), "parity_device": "cpu",
+                            "sentences_per_s": cpu_ref["sentences_per_s"]},
               "variants": {}, "skipped": skipped, "failures": []}
     latency_rows, cosines = [], {}
     for name in tqdm(names, desc="verify variants", unit="variant", disable=not progress_enabled()):
@@ -188,9 +202,10 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
         metrics, cos = parity(ref, emb, sentences)
         cosines[name] = cos
         tput = throughput(lambda s: bundle.encode(s, batch_size=bs), sentences, speed["throughput_rounds"])
-        metrics.update(device=bundle.device, sentences_per_s=tput, speedup=tput / ref_tput)
+        torch_here = pytorch_on(bundle.device)
+        metrics.update(device=bundle.device, sentences_per_s=tput, speedup=tput / torch_here["sentences_per_s"])
         buckets = []
-        for (b, length), ref_p in ref_lat.items():
+        for (b, length), ref_p in torch_here["latency"].items():
             feats = bucket_inputs(b, length, vocab)
             run_once = lambda: bundle.head(bundle.backend(feats), feats["attention_mask"])  # noqa: E731
             p = _percentiles(time_calls(run_once, speed["warmup"], speed["repeats"]))
@@ -205,7 +220,9 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
         report["failures"] += failures
         log.info("%s on %s: min cos %.6f, %.0f sentences/s (%.2fx) %s", name, bundle.device,
                  metrics["min_cosine"], tput, metrics["speedup"], "ok" if not failures else "FAILED")
-    report["pytorch_latency"] = [{"batch_size": b, "seq_len": l, **p} for (b, l), p in ref_lat.items()]
+    report["pytorch"] = {device: {"sentences_per_s": t["sentences_per_s"],
+                                  "latency": [{"batch_size": b, "seq_len": l, **p} for (b, l), p in t["latency"].items()]}
+                         for device, t in torch_speed.items()}
     report["_plots"] = {"latency": latency_rows, "cosine": cosines}
     return report
 
@@ -213,9 +230,10 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
 def table(report: dict) -> str:
     head = f"{'variant':<14} {'device':<6} {'min cos':>10} {'mean cos':>10} {'top10':>6} {'spearman':>9} " \
            f"{'sent/s':>8} {'vs torch':>8} {'gate':>5}"
-    lines = [head, "-" * len(head),
-             f"{'pytorch (ref)':<14} {'cpu':<6} {'':>10} {'':>10} {'':>6} {'':>9} "
-             f"{report['reference']['sentences_per_s']:>8.0f} {'1.00x':>8} {'':>5}"]
+    lines = [head, "-" * len(head)]
+    for device, t in report["pytorch"].items():  # "vs torch": against PyTorch on the variant's own device
+        lines.append(f"{'pytorch (ref)':<14} {device:<6} {'':>10} {'':>10} {'':>6} {'':>9} "
+                     f"{t['sentences_per_s']:>8.0f} {'1.00x':>8} {'':>5}")
     for name, m in report["variants"].items():
         lines.append(f"{name:<14} {m['device']:<6} {m['min_cosine']:>10.6f} {m['mean_cosine']:>10.6f} "
                      f"{m['top10_agreement']:>6.3f} {m['spearman']:>9.6f} {m['sentences_per_s']:>8.0f} "
