@@ -95,16 +95,20 @@ class OrtCudaBackend:
         self.pad_id = pad_id
         self.device = device
         self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
-        if device == "cuda":
-            if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA / cuDNN from the nvidia-* wheels,
-                ort.preload_dlls()            # as `import torch` first would (a no-op where torch did)
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if self.buckets else "0"}),
-                         "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if device != "cuda":
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        else:
+            try:
+                self.session = self._cuda_session(path, options, graphs=bool(self.buckets))
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+                if not self.buckets:
+                    raise
+                # CUDA graphs need every node on the CUDA provider; some graphs keep a few on the CPU
+                log.warning("%s: CUDA graphs unavailable (%s); running without them", path, e)
+                self.buckets = []
+                self.session = self._cuda_session(path, options, graphs=False)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -114,6 +118,12 @@ class OrtCudaBackend:
             self.buckets = []
         self.bound: dict[tuple[int, int], tuple] = {}  # bucket -> (binding, inputs, output, run options)
         self.lock = threading.Lock()
+
+    def _cuda_session(self, path: Path, options, graphs: bool):
+        if hasattr(self.ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA / cuDNN from the nvidia-* wheels,
+            self.ort.preload_dlls()            # as `import torch` first would (a no-op where torch did)
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if graphs else "0"})
+        return self.ort.InferenceSession(str(path), options, providers=[cuda, "CPUExecutionProvider"])
 
     def _bind(self, bucket: tuple[int, int]):
         ort = self.ort
