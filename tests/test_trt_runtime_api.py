@@ -100,3 +100,41 @@ def test_lean_runtime_refuses_a_plan_that_is_not_version_compatible():
     meta = {"tensorrt_version": TRT.__version__, "flags": [], "hardware_compatibility": "NONE"}
     device, why = trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
     assert device is None and "runs version-compatible plans only" in why
+
+
+H100 = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+@needs_trt
+@pytest.mark.parametrize("built, here, ok, reason", [
+    ({"hardware_compatibility": "NONE", **H100}, H100, True, ""),
+    ({"hardware_compatibility": "NONE", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"}, False,
+     "plan built for NVIDIA H100 80GB HBM3 (sm 9.0), this GPU is NVIDIA H200 (sm 9.0)"),
+    ({"hardware_compatibility": "SAME_COMPUTE_CAPABILITY", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
+     True, ""),
+    ({"hardware_compatibility": "SAME_COMPUTE_CAPABILITY", **H100}, {"gpu": "NVIDIA A100", "compute_capability": "8.0"},
+     False, "plan built for compute capability 9.0, this GPU is NVIDIA A100 (sm 8.0)"),
+    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, True, ""),
+    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "Tesla T4", "compute_capability": "7.5"}, False,
+     "plan needs an Ampere or newer GPU, this is Tesla T4 (sm 7.5)"),
+])
+def test_plan_compatibility_decisions(built, here, ok, reason, monkeypatch):
+    """The rules on a given GPU identity (the GPU query is replaced; TensorRT is the real module)."""
+    monkeypatch.setattr(trt_backend, "gpu_here", lambda: here)
+    meta = {"tensorrt_version": TRT.__version__, "flags": ["VERSION_COMPATIBLE"], **built}
+    assert trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta}) == (("cuda", "") if ok else (None, reason))
+
+
+@needs_trt
+def test_version_compatible_plans_run_on_the_same_or_a_later_minor_version_only(monkeypatch):
+    monkeypatch.setattr(trt_backend, "gpu_here", lambda: H100)
+    major, minor = (int(p) for p in TRT.__version__.split(".")[:2])
+
+    def decide(version, flags=("VERSION_COMPATIBLE",)):
+        meta = {"tensorrt_version": version, "flags": list(flags), "hardware_compatibility": "NONE", **H100}
+        return trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
+
+    assert decide(f"{major}.0.0") == ("cuda", "")
+    assert decide(f"{major}.{minor + 1}.0")[1] == (f"plan built with TensorRT {major}.{minor + 1}.0 (version-compatible), "
+                                                  f"this is {TRT.__version__}")
+    assert decide(f"{major - 1}.9.0")[0] is None
