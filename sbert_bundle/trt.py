@@ -2,11 +2,11 @@
 
 A plan only runs on the GPU model and TensorRT version it was built for, unless it was built
 hardware-compatible (Ampere or newer, or the same compute capability) or version-compatible
-(later TensorRT of the same major version); `plan_compatibility` checks that before loading.
+(that TensorRT version or any later one); `plan_compatibility` checks that before loading.
 Runtimes, on a GPU machine:
-  pip install tensorrt-cu13 cuda-python        full TensorRT (NVIDIA's index serves its libraries)
-  pip install tensorrt-lean-cu13 cuda-python   the lean runtime, from PyPI: runs version-compatible
-                                               plans only (build with trt.version_compatible: true)
+  pip install tensorrt-cu13 cuda-python           full TensorRT (NVIDIA's index serves its libraries)
+  pip install tensorrt-lean-cu13==V cuda-python   the lean runtime, from PyPI: runs version-compatible
+                                                  plans (trt.version_compatible: true) built by V
 """
 
 from __future__ import annotations
@@ -71,12 +71,10 @@ def plan_compatibility(variant: dict) -> tuple[str | None, str]:
         return None, "cuda-python is not installed here (pip install cuda-python): the TensorRT backend needs it"
     except Exception as e:  # noqa: BLE001 - no driver or no device
         return None, f"no usable CUDA GPU ({type(e).__name__}: {e})"
-    built, running = _version(meta.get("tensorrt_version", "0")), _version(trt.__version__)
-    if "VERSION_COMPATIBLE" in meta.get("flags", []):  # runs on the same major version, same or newer
-        if running[0] != built[0] or running < built:
-            return None, f"plan built with TensorRT {meta.get('tensorrt_version')} (version-compatible), this is {trt.__version__}"
-    elif running != built:
-        return None, f"plan built with TensorRT {meta.get('tensorrt_version')}, this is {trt.__version__}"
+    problem = version_problem(str(meta.get("tensorrt_version", "?")), trt.__version__, meta.get("flags", []),
+                              lean=trt.__name__.startswith("tensorrt_lean"))
+    if problem:
+        return None, problem
     level = meta.get("hardware_compatibility", "NONE")
     if level == "AMPERE_PLUS":
         if _version(here["compute_capability"]) < (8, 0):
@@ -89,6 +87,23 @@ def plan_compatibility(variant: dict) -> tuple[str | None, str]:
         return None, (f"plan built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), "
                       f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
     return "cuda", ""
+
+
+def version_problem(built: str, running: str, flags: list[str], lean: bool = False) -> str:
+    """Why a plan built by TensorRT `built` cannot be deserialized by `running` ("" when it can).
+
+    A version-compatible plan embeds the lean runtime it was built with and so runs on that
+    version or any later one (TensorRT 10 plans on 11 too). Without that embedded runtime
+    (EXCLUDE_LEAN_RUNTIME), and under the lean runtime itself, only the same version works."""
+    if "VERSION_COMPATIBLE" in flags and "EXCLUDE_LEAN_RUNTIME" not in flags and not lean:
+        if _version(running) < _version(built):
+            return f"plan built with TensorRT {built} (version-compatible: that version or later), this is {running}"
+        return ""
+    if _version(running) != _version(built):
+        why = (" (the lean runtime runs only plans built by its own version)" if lean else
+               " (built without its lean runtime)" if "EXCLUDE_LEAN_RUNTIME" in flags else "")
+        return f"plan built with TensorRT {built}, this is {running}{why}"
+    return ""
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -121,11 +136,27 @@ class TrtBackend:
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
     def _pick_profile(self, shape: tuple[int, int]) -> int | None:
+        """The first profile whose min..max holds `shape` for every input (profiles may differ per input)."""
         for idx in range(self.engine.num_optimization_profiles):
-            lo, _, hi = self.engine.get_tensor_profile_shape(self.input_names[0], idx)
-            if all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            if all(all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+                   for lo, _, hi in (self.engine.get_tensor_profile_shape(n, idx) for n in self.input_names)):
                 return idx
         return None
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (also on garbage collection)."""
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers = {}
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - half-built backend, or cuda-python already unloaded at exit
+            pass
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
@@ -153,13 +184,15 @@ class TrtBackend:
             if profile is None:
                 raise ValueError(f"input shape {shape} fits none of the plan's optimization profiles")
             if profile != self.profile:
-                self.context.set_optimization_profile_async(profile, self.stream)
+                if not self.context.set_optimization_profile_async(profile, self.stream):
+                    raise RuntimeError(f"TensorRT refused optimization profile {profile}")
                 self.profile = profile
             for name in self.input_names:
                 arr = np.ascontiguousarray(inputs[name].astype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
                 ptr = self._buffer(name, arr.nbytes)
                 _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
-                self.context.set_input_shape(name, arr.shape)
+                if not self.context.set_input_shape(name, arr.shape):
+                    raise RuntimeError(f"TensorRT refused shape {arr.shape} for input {name} (profile {profile})")
                 self.context.set_tensor_address(name, ptr)
             out_shape = tuple(self.context.get_tensor_shape(self.output_name))
             out = np.empty(out_shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(self.output_name)))

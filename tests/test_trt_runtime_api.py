@@ -125,16 +125,29 @@ def test_plan_compatibility_decisions(built, here, ok, reason, monkeypatch):
     assert trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta}) == (("cuda", "") if ok else (None, reason))
 
 
+@pytest.mark.parametrize("built, running, flags, lean, ok", [
+    ("10.9.0", "10.9.0", [], False, True),
+    ("10.9.0", "10.9.1", [], False, False),                                    # plain plans: that version only
+    ("10.9.0", "11.4.0.106", ["VERSION_COMPATIBLE"], False, True),              # later versions, across majors
+    ("11.4.0.106", "11.1.0", ["VERSION_COMPATIBLE"], False, False),             # never an older one
+    ("11.1.0", "11.4.0.106", ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"], False, False),
+    ("11.1.0", "11.4.0.106", ["VERSION_COMPATIBLE"], True, False),              # the lean runtime: its own only
+    ("11.4.0.106", "11.4.0.106", ["VERSION_COMPATIBLE"], True, True),
+])
+def test_which_tensorrt_versions_can_load_a_plan(built, running, flags, lean, ok):
+    problem = trt_backend.version_problem(built, running, flags, lean)
+    assert (problem == "") == ok, problem
+    if not ok:
+        assert problem.startswith(f"plan built with TensorRT {built}") and running in problem
+
+
 @needs_trt
-def test_version_compatible_plans_run_on_the_same_or_a_later_minor_version_only(monkeypatch):
+def test_the_installed_runtime_applies_its_version_rule(monkeypatch):
     monkeypatch.setattr(trt_backend, "gpu_here", lambda: H100)
-    major, minor = (int(p) for p in TRT.__version__.split(".")[:2])
-
-    def decide(version, flags=("VERSION_COMPATIBLE",)):
-        meta = {"tensorrt_version": version, "flags": list(flags), "hardware_compatibility": "NONE", **H100}
-        return trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
-
-    assert decide(f"{major}.0.0") == ("cuda", "")
-    assert decide(f"{major}.{minor + 1}.0")[1] == (f"plan built with TensorRT {major}.{minor + 1}.0 (version-compatible), "
-                                                  f"this is {TRT.__version__}")
-    assert decide(f"{major - 1}.9.0")[0] is None
+    older = "10.0.0"
+    meta = {"tensorrt_version": older, "flags": ["VERSION_COMPATIBLE"], "hardware_compatibility": "NONE", **H100}
+    device, why = trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta})
+    if TRT.__name__.startswith("tensorrt_lean"):
+        assert device is None and "the lean runtime runs only plans built by its own version" in why
+    else:
+        assert (device, why) == ("cuda", "")
