@@ -8,7 +8,7 @@ machine and, when nowhere, why: `Bundle.load` uses it to pick a variant and to e
 from __future__ import annotations
 
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,31 +84,29 @@ class OrtCudaBackend:
     With `buckets` (a list of [batch, length]), each batch is padded up to the smallest bucket
     that holds it (padding is masked, so valid tokens are unchanged) and the bucket's run is
     captured once as a CUDA graph and replayed after (run option gpu_graph_id); a batch larger
-    than every bucket runs without a graph. Calls take turns: graphs replay shared buffers.
+    than every bucket runs without a graph. onnxruntime keeps CUDA graphs per thread, so every
+    run happens on one worker thread: graphs are captured once, and calls from several threads
+    take turns. If a capture fails, the session is rebuilt without graphs. fp32 graphs run
+    without TF32 (onnxruntime's CUDA default), so that they match the fp32 reference.
     device="cpu" runs the same binding and bucketing on the CPU provider, without graphs: tests
     use it to check this path on machines without a GPU.
     """
 
-    def __init__(self, path: Path, buckets: list[list[int]] | None = None, pad_id: int = 0, device: str = "cuda"):
+    def __init__(self, path: Path, buckets: list[list[int]] | None = None, pad_id: int = 0, device: str = "cuda",
+                 tf32: bool = True):
         ort = _ort()
-        self.ort = ort
-        self.pad_id = pad_id
-        self.device = device
+        self.ort, self.path, self.pad_id, self.device, self.tf32 = ort, Path(path), pad_id, device, tf32
         self.buckets = sorted((int(b), int(n)) for b, n in buckets or [])
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device != "cuda":
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), self._options(), providers=["CPUExecutionProvider"])
         else:
             try:
-                self.session = self._cuda_session(path, options, graphs=bool(self.buckets))
+                self.session = self._cuda_session(graphs=bool(self.buckets))
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
                 if not self.buckets:
                     raise
                 # CUDA graphs need every node on the CUDA provider; some graphs keep a few on the CPU
-                log.warning("%s: CUDA graphs unavailable (%s); running without them", path, e)
-                self.buckets = []
-                self.session = self._cuda_session(path, options, graphs=False)
+                self._without_graphs(f"the session could not be built with them ({e})")
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -117,13 +115,24 @@ class OrtCudaBackend:
         if not isinstance(self.hidden, int):  # symbolic: output buffers cannot be preallocated
             self.buckets = []
         self.bound: dict[tuple[int, int], tuple] = {}  # bucket -> (binding, inputs, output, run options)
-        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbert-bundle-ort")
 
-    def _cuda_session(self, path: Path, options, graphs: bool):
+    def _options(self):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return options
+
+    def _cuda_session(self, graphs: bool):
         if hasattr(self.ort, "preload_dlls"):  # onnxruntime >= 1.21: CUDA / cuDNN from the nvidia-* wheels,
             self.ort.preload_dlls()            # as `import torch` first would (a no-op where torch did)
-        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if graphs else "0"})
-        return self.ort.InferenceSession(str(path), options, providers=[cuda, "CPUExecutionProvider"])
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if graphs else "0",
+                                          "use_tf32": "1" if self.tf32 else "0"})
+        return self.ort.InferenceSession(str(self.path), self._options(), providers=[cuda, "CPUExecutionProvider"])
+
+    def _without_graphs(self, why: str) -> None:
+        log.warning("%s: CUDA graphs off: %s", self.path, why)
+        self.buckets, self.bound = [], {}
+        self.session = self._cuda_session(graphs=False)
 
     def _bind(self, bucket: tuple[int, int]):
         ort = self.ort
@@ -140,35 +149,46 @@ class OrtCudaBackend:
         return self.bound[bucket]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.worker.submit(self._run, inputs).result()
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         batch, length = inputs["input_ids"].shape
         bucket = pick_bucket(self.buckets, batch, length)
-        if bucket is None:  # no graph: bind this batch's own buffers
-            binding = self.session.io_binding()
-            for name in self.input_names:
-                binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(inputs[name], dtype=np.int64), self.device, 0))
-            binding.bind_output(self.output_name, self.device)
-            run_options = self.ort.RunOptions()
-            run_options.add_run_config_entry("gpu_graph_id", "-1")
-            with self.lock:
-                self.session.run_with_iobinding(binding, run_options)
-            return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
-        with self.lock:
-            binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket)
-            for name in self.input_names:  # masked padding: attention_mask is 0 there
-                padded = np.full(bucket, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
-                padded[:batch, :length] = inputs[name]
-                bound_inputs[name].update_inplace(padded)
-            self.session.run_with_iobinding(binding, run_options)
-            out = output.numpy()[:batch, :length]  # from CUDA: a fresh host copy
-            return out.copy() if self.device == "cpu" else out  # a CPU buffer is reused by the next call
+        if bucket is not None:
+            try:
+                return self._run_bucket(bucket, inputs)
+            except Exception as e:  # noqa: BLE001 - a graph capture broken by other CUDA work, for example
+                if self.device != "cuda":
+                    raise
+                self._without_graphs(f"running bucket {list(bucket)} failed ({e})")
+        binding = self.session.io_binding()  # no graph: bind this batch's own buffers
+        for name in self.input_names:
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(inputs[name], dtype=np.int64), self.device, 0))
+        binding.bind_output(self.output_name, self.device)
+        run_options = self.ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.session.run_with_iobinding(binding, run_options)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+
+    def _run_bucket(self, bucket: tuple[int, int], inputs: dict[str, np.ndarray]) -> np.ndarray:
+        batch, length = inputs["input_ids"].shape
+        binding, bound_inputs, output, run_options = self.bound.get(bucket) or self._bind(bucket)
+        for name in self.input_names:  # masked padding: attention_mask is 0 there
+            padded = np.full(bucket, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
+            padded[:batch, :length] = inputs[name]
+            bound_inputs[name].update_inplace(padded)
+        self.session.run_with_iobinding(binding, run_options)
+        out = output.numpy()[:batch, :length]  # from CUDA: a fresh host copy
+        return out.copy() if self.device == "cpu" else out  # a CPU buffer is reused by the next call
 
 
 def open_backend(root: Path, variant: dict, device: str, threads: int | None = None,
                  cuda_graph_buckets: list[list[int]] | None = None, pad_id: int = 0):
     if variant["backend"] == "onnxruntime":
         if device == "cuda":
-            return OrtCudaBackend(root / variant["file"], cuda_graph_buckets, pad_id)
+            return OrtCudaBackend(root / variant["file"], cuda_graph_buckets, pad_id,
+                                  tf32=variant.get("precision") != "fp32")
         return OrtBackend(root / variant["file"], device, threads)
     if variant["backend"] == "tensorrt":
         from .trt import TrtBackend

@@ -95,7 +95,7 @@ class Bundle:
         try:
             self.backend = open_backend(self.root, spec, device, threads, runtime.get("cuda_graph_buckets"),
                                         self.head.pad_token_id)
-        except RuntimeError as e:  # e.g. onnxruntime-gpu installed but no usable GPU or driver
+        except Exception as e:  # e.g. onnxruntime-gpu but no usable GPU or driver (onnxruntime's own error types)
             if device != "cuda" or "cpu" not in spec.get("devices", []) or spec["backend"] != "onnxruntime":
                 raise
             log.warning("variant %s: CUDA failed (%s); using the CPU", variant, e)
@@ -129,10 +129,17 @@ class Bundle:
             report = _read_report(root.parent / REPORT_FILE)  # a sealed release: bundle/ + verify.json
         ranked = rank_variants(manifest, report)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
-        if variant is None:
-            if not runnable:
-                raise VariantError(_explain(f"no variant of {root} runs here", ranked))
-            variant, device = runnable[0]
+        if variant is None:  # the best that opens: a plan or GPU graph may still fail to load here
+            failed = []
+            for name, device in runnable:
+                try:
+                    log.info("bundle %s: using variant %s on %s", root, name, device)
+                    return cls(root, manifest, name, device, threads, report, tmp)
+                except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
+                    log.warning("variant %s on %s failed to open (%s); trying the next one", name, device, e)
+                    failed.append((name, None, f"failed to open: {e}"))
+            ranked = failed + [r for r in ranked if r[0] not in {f[0] for f in failed}]
+            raise VariantError(_explain(f"no variant of {root} runs here", ranked))
         else:
             if variant not in manifest.get("variants", {}):
                 raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))

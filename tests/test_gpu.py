@@ -80,3 +80,19 @@ def test_bound_bucketed_path_matches_the_plain_session_on_cpu(tiny_bundle, varia
     assert sorted(bound.bound) == [(1, 16), (8, 64)]  # each bucket bound once, then reused
     for before, returned in kept:  # later calls did not overwrite earlier results
         np.testing.assert_array_equal(before, returned)
+
+
+def test_bound_path_from_several_threads_matches_serial(tiny_bundle):
+    """Runs go through one worker thread (onnxruntime keeps CUDA graphs per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sbert_bundle.backends import OrtCudaBackend
+
+    plain = Bundle.load(tiny_bundle, variant="fp32-fused")
+    bound = OrtCudaBackend(tiny_bundle / "onnx" / "model_fused.onnx", BUCKETS, plain.head.pad_token_id, device="cpu")
+    batches = [plain.tokenizer(SENTENCES[i:i + 3]) for i in range(0, len(SENTENCES), 3)] * 4
+    serial = [bound(f) for f in batches]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(bound, batches))
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)

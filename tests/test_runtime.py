@@ -256,6 +256,22 @@ def test_no_runnable_variant_is_a_variant_error(tiny_bundle, tmp_path):
     assert "CUDAExecutionProvider" in str(e.value)
 
 
+@cpu_only
+def test_best_variant_that_fails_to_open_gives_way_to_the_next(tiny_bundle, tmp_path, caplog):
+    root = copy_bundle(tiny_bundle, tmp_path)
+    (root / "onnx" / "model_fused.onnx").write_bytes(b"not an onnx graph")  # what a broken plan would do
+    b = Bundle.load(root, verify_integrity=False)
+    assert b.variant == "fp32"
+    assert "variant fp32-fused on cpu failed to open" in caplog.text
+    for name in ("fp32", "int8"):
+        (root / "onnx" / f"model{'_int8' if name == 'int8' else ''}.onnx").write_bytes(b"broken")
+    (root / "onnx" / "model_fp16_fused.onnx").write_bytes(b"broken")
+    (root / "onnx" / "model_fp16.onnx").write_bytes(b"broken")
+    with pytest.raises(VariantError, match="no variant") as e:
+        Bundle.load(root, verify_integrity=False)
+    assert "fp32-fused: not usable: failed to open" in str(e.value)
+
+
 # --- a sealed release: verify.json decides ---------------------------------------------------
 
 CORPUS = ["", "   ", "one"] + [" ".join(WORDS[i:i + n]) for i, n in enumerate(range(2, 20))] + \

@@ -47,6 +47,8 @@ def ort_runner(path: Path, device: str, shape, vocab: int, cuda_graph: bool):
     providers = ([("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})] if dev == "cuda"
                  else []) + ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), providers=providers)
+    if dev == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":  # onnxruntime falls back quietly
+        sys.exit(f"onnxruntime did not start CUDA for {path} (providers {session.get_providers()})")
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(1000, vocab, size=shape, dtype=np.int64),
              "attention_mask": np.ones(shape, dtype=np.int64), "token_type_ids": np.zeros(shape, dtype=np.int64)}
@@ -122,7 +124,13 @@ def main() -> None:
             run = ort_runner(fused16, args.device, shape, vocab, graph)
             rows.append({"impl": "ort fp16-fused" + (" + cuda graph" if graph else ""), "shape": shape,
                          "ms": median_ms(run, lambda: None, warmup, repeats)})
+    from sbert_bundle.backends import pick_device
+
     trt_plans = [n for n, v in manifest["variants"].items() if v["backend"] == "tensorrt"]
+    for name in trt_plans:
+        if pick_device(manifest["variants"][name])[0] is None:
+            print(f"TensorRT plan {name} skipped: {pick_device(manifest['variants'][name])[1]}")
+    trt_plans = [n for n in trt_plans if pick_device(manifest["variants"][n])[0] is not None]
     if trt_plans and args.device == "cuda":
         bundle = Bundle.load(args.bundle, variant=trt_plans[0])
         for shape in shapes:

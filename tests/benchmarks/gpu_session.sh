@@ -18,7 +18,7 @@ pack() {
   rm -rf "$wheels" && mkdir -p "$wheels"
   local get=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$wheels")
-  "${get[@]}" onnxruntime-gpu onnxconverter-common pytest pluggy iniconfig
+  "${get[@]}" onnxruntime-gpu==1.31.1 onnxconverter-common pytest pluggy iniconfig  # 1.31.1: CUDA 13 there
   grep -qx '/.devpack/' .git/info/exclude || echo '/.devpack/' >> .git/info/exclude
   mkdir -p .devpack  # a folder pattern: git only sees it ignored once the folder exists
   ../shared/tools/device-pack .devpack "$wheels" artifacts/bundle artifacts/source/model
@@ -37,7 +37,8 @@ run() {
   cp -r /tmp/unpacked/artifacts/bundle /tmp/unpacked/artifacts/source artifacts/
   { nvidia-smi || true; python3 -c "import torch, onnxruntime as o; print(torch.__version__, o.__version__, o.get_available_providers())"
   } > "$OUT/env.txt" 2>&1
-  python3 -m sbert_bundle.cli inspect artifacts/bundle > "$OUT/inspect.txt" 2>&1 || true
+  python3 -c "import torch, sys; from sbert_bundle.cli import main; sys.exit(main(['inspect', 'artifacts/bundle']))" \
+    > "$OUT/inspect.txt" 2>&1 || true  # torch first: onnxruntime-gpu finds the CUDA libraries it loaded
   python3 -m stages.verify > "$OUT/verify.txt" 2>&1 || echo "verify failed (see verify.txt)"
   cp -r artifacts/verify "$OUT/" 2>/dev/null || true
   python3 tests/benchmarks/gpu_bench.py --transformer artifacts/source/model --out "$OUT/results" \
