@@ -107,8 +107,8 @@ class OrtCudaBackend:
                     raise
                 # CUDA graphs need every node on the CUDA provider; some graphs keep a few on the CPU
                 self._without_graphs(f"the session could not be built with them ({e})")
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
+            if "CUDAExecutionProvider" not in self.session.get_providers():
+                raise RuntimeError(f"onnxruntime could not start its CUDA provider for {path}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.hidden = self.session.get_outputs()[0].shape[-1]

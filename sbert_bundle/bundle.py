@@ -140,12 +140,11 @@ class Bundle:
                     failed.append((name, None, f"failed to open: {e}"))
             ranked = failed + [r for r in ranked if r[0] not in {f[0] for f in failed}]
             raise VariantError(_explain(f"no variant of {root} runs here", ranked))
-        else:
-            if variant not in manifest.get("variants", {}):
-                raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))
-            device = dict((n, d) for n, d, _ in ranked)[variant]
-            if device is None:
-                raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
+        if variant not in manifest.get("variants", {}):
+            raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))
+        device = dict((n, d) for n, d, _ in ranked)[variant]
+        if device is None:
+            raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
         return cls(root, manifest, variant, device, threads, report, tmp)
 

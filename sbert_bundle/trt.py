@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def _cudart():
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -130,6 +131,10 @@ class TrtBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        # per profile, the (min, max) shape of every input: read once, checked on every call
+        self.ranges = [[(lo, hi) for lo, _, hi in (self.engine.get_tensor_profile_shape(n, idx)
+                                                    for n in self.input_names)]
+                       for idx in range(self.engine.num_optimization_profiles)]
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.profile = -1
         self.lock = threading.Lock()  # one execution context: calls take turns
@@ -137,9 +142,8 @@ class TrtBackend:
 
     def _pick_profile(self, shape: tuple[int, int]) -> int | None:
         """The first profile whose min..max holds `shape` for every input (profiles may differ per input)."""
-        for idx in range(self.engine.num_optimization_profiles):
-            if all(all(a <= s <= b for a, s, b in zip(lo, shape, hi))
-                   for lo, _, hi in (self.engine.get_tensor_profile_shape(n, idx) for n in self.input_names)):
+        for idx, inputs in enumerate(self.ranges):
+            if all(all(a <= s <= b for a, s, b in zip(lo, shape, hi)) for lo, hi in inputs):
                 return idx
         return None
 

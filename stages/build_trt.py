@@ -167,7 +167,7 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
     return {"name": name, "file": f"{name}.plan", "precision": wanted["precision"], "metadata": metadata}
 
 
-def run(cfg: dict, onnx_path: Path, out_dir: Path, max_seq_length: int | None = None) -> dict:
+def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | None = None) -> dict:
     cache_path = Path(cfg["timing_cache"])
     settings(cfg)
     if max_seq_length:
@@ -194,7 +194,8 @@ def main() -> None:
 
         cfg = load_params(args.params)["trt"]
         with atomic_dir(OUT) as tmp:
-            run(cfg, GRAPHS.get(cfg["precision"], GRAPHS["fp16"]), tmp, load_head(SPLIT / "modules").max_seq_length)
+            graph = GRAPHS.get(cfg["precision"])  # None: run() refuses the precision before reading it
+            run(cfg, graph, tmp, load_head(SPLIT / "modules").max_seq_length)
 
     stage_main(__doc__, body)
 

@@ -126,11 +126,11 @@ def main() -> None:
                          "ms": median_ms(run, lambda: None, warmup, repeats)})
     from sbert_bundle.backends import pick_device
 
-    trt_plans = [n for n, v in manifest["variants"].items() if v["backend"] == "tensorrt"]
-    for name in trt_plans:
-        if pick_device(manifest["variants"][name])[0] is None:
-            print(f"TensorRT plan {name} skipped: {pick_device(manifest['variants'][name])[1]}")
-    trt_plans = [n for n in trt_plans if pick_device(manifest["variants"][n])[0] is not None]
+    placed = {n: pick_device(v) for n, v in manifest["variants"].items() if v["backend"] == "tensorrt"}
+    for name, (device, why) in placed.items():
+        if device is None:
+            print(f"TensorRT plan {name} skipped: {why}")
+    trt_plans = [n for n, (device, _) in placed.items() if device is not None]
     if trt_plans and args.device == "cuda":
         bundle = Bundle.load(args.bundle, variant=trt_plans[0])
         for shape in shapes:
