@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Iterator
 
 import yaml
@@ -45,8 +45,51 @@ def row_cosines(a, b):
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
+# Threads of every computation whose result is written to disk (validation figures,
+# calibration statistics, parity): one, so that outputs do not depend on the core count.
+OUTPUT_THREADS = 1
+
+
+def cpu_session(model):
+    """onnxruntime CPU session (model: path or serialized bytes) on OUTPUT_THREADS threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = OUTPUT_THREADS
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = OUTPUT_THREADS) -> Iterator[None]:
+    """torch on n intra-op threads inside the block; the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _json_default(value):
+    """numpy scalars and arrays as numbers and lists, sets sorted, paths in POSIX form, else str."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, PurePath):
+        return value.as_posix()
+    return str(value)
+
+
 def write_json(path: Path, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    """The same data gives the same bytes: keys sorted, floats in Python's shortest round-trip
+    form, UTF-8 whatever the locale, LF line ends."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True, default=_json_default) + "\n"
+    Path(path).write_bytes(text.encode("utf-8"))
 
 
 def read_json(path: Path, what: str = "file") -> dict:

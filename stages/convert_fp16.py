@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, row_cosines, stage_main, write_json
+from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, row_cosines, stage_main, write_json
 from .export_onnx import validation_batches
 
 log = logging.getLogger("stages.convert_fp16")
@@ -55,17 +55,16 @@ def convert(src: Path, dest: Path, cfg: dict) -> list[str]:
 def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, name: str) -> dict:
     """Sentence embeddings (through the bundle's head) of fp16 vs fp32 on CPU; the gate is on
     those, as in verify. A valid graph the CPU provider cannot run is recorded, not failed."""
-    import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as MissingKernel
 
     try:
-        s16 = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+        s16 = cpu_session(fp16)
     except MissingKernel as e:  # a valid graph this build's CPU provider has no fp16 kernel for
         return {"checked": False, "reason": f"onnxruntime CPU cannot run {fp16.name}: {str(e).splitlines()[0]}"}
     except Exception as e:  # noqa: BLE001 - anything else: the converted graph is broken
         raise StageError(f"{name}: the converted graph {fp16.name} is invalid: {str(e).splitlines()[0]}; keep the "
                          "offending nodes in fp32 via fp16.node_block_list / op_block_list") from None
-    s32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    s32 = cpu_session(fp32)
     names = [i.name for i in s32.get_inputs()]
     token_cos, sentence_cos, max_diff = [], [], 0.0
     for b in batches:

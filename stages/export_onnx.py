@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, stage_main, torch_threads, write_json
 
 log = logging.getLogger("stages.export_onnx")
 SPLIT = ARTIFACTS / "split"
@@ -57,7 +57,7 @@ def validate(session, torch_model, input_names: list[str], batches: list[dict], 
     for b in batches:
         feed = {n: b[n] for n in input_names}
         case = f"{label} batch {tuple(b['input_ids'].shape)}"
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads():
             ref = torch_model(*(torch.from_numpy(feed[n]) for n in input_names)).numpy()
         outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         failures += compare(OUTPUT_NAME, outs, ref, atol, case)
@@ -118,7 +118,6 @@ def fuse(plain: Path, out_path: Path, cfg: dict, config) -> dict:
 
 def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
     import onnx
-    import onnxruntime as ort
 
     from sbert_bundle.head import load_head
 
@@ -129,14 +128,13 @@ def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
     torch_model, tokenizer, input_names = export(model_dir, plain, cfg["opset"])
     onnx.checker.check_model(str(plain))
     batches = validation_batches(tokenizer, max_len, cfg["validation"])
-    cpu = ["CPUExecutionProvider"]
     report = {"input_names": input_names, "output_names": [OUTPUT_NAME], "opset": cfg["opset"]}
-    report["validation"] = {"fp32": validate(ort.InferenceSession(str(plain), providers=cpu), torch_model,
+    report["validation"] = {"fp32": validate(cpu_session(plain), torch_model,
                                              input_names, batches, cfg["atol"], "fp32")}
     log.info("fp32 matches PyTorch: max |diff| %.2g", report["validation"]["fp32"]["max_abs_diff"])
     if cfg["fused"]["enabled"]:
         report["fusion"] = fuse(plain, fused, cfg["fused"], torch_model.model.config)
-        report["validation"]["fp32-fused"] = validate(ort.InferenceSession(str(fused), providers=cpu), torch_model,
+        report["validation"]["fp32-fused"] = validate(cpu_session(fused), torch_model,
                                                       input_names, batches, cfg["fused"]["atol"], "fp32-fused")
         log.info("fused matches PyTorch: max |diff| %.2g", report["validation"]["fp32-fused"]["max_abs_diff"])
     write_json(out_dir / "report.json", report)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, row_cosines, stage_main, write_json
+from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, row_cosines, stage_main, write_json
 
 log = logging.getLogger("stages.quantize")
 ONNX = ARTIFACTS / "onnx"
@@ -77,13 +77,12 @@ def layernorm_fed(graph, op_types: list[str]) -> list:
 def channel_absmax(model, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
     """Largest |activation| per channel of each named tensor over the calibration batches."""
     import onnx
-    import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name in tensors:
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = cpu_session(probe.SerializeToString())
     inputs = [i.name for i in session.get_inputs()]
     amax: dict[str, np.ndarray] = {}
     for batch in batches:
@@ -167,9 +166,7 @@ def smooth(ed: GraphEditor, nodes: list, amax: dict, alpha: float) -> list[str]:
 
 
 def embedding_cosines(fp32: Path, int8: Path, batches: list[dict], head) -> np.ndarray:
-    import onnxruntime as ort
-
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
+    sessions = [cpu_session(p) for p in (fp32, int8)]
     names = [i.name for i in sessions[0].get_inputs()]
     cos = []
     for b in batches:
