@@ -6,19 +6,34 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test compat bench clean
+# The build and test environment is locked (versions and sha256 of every file, torch the
+# local CPU wheel): requirements/lock-py311.txt, compiled by `make lock` from pyproject.toml's
+# `build` and `test` extras plus requirements/lock.in. The lock is for CPython 3.11 on Linux x86_64.
+LOCK       := requirements/lock-py311.txt
+UV_VERSION := 0.13.9
+# Where pip (through its config) and `make lock` find the torch CPU wheel.
+FIND_LINKS ?= /opt/wheels
+
+.PHONY: install lock repro test compat bench rebuild-check clean
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch first: pip takes the local CPU wheel for ==2.13.0; anything else may pull a CUDA build.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[build,test]'
+# Every package from the lock, checked against its hashes; then the project itself without
+# resolving anything (setuptools, the build backend, comes from the lock as well).
+$(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the lock: the newest versions pyproject.toml's ranges allow today.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra build --extra test \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	  --find-links $(FIND_LINKS) --custom-compile-command 'make lock' -o $(LOCK)
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
@@ -27,7 +42,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # sentence-transformers' own ONNX backend (5.x + optimum) in its own venv, for
-# tests/test_st_onnx_backend.py: the bundle must load there too.
+# tests/test_st_onnx_backend.py: the bundle must load there too. Not locked: it only loads
+# bundles in a test, it builds nothing.
 compat: .venv-st5/.installed-stamp
 
 .venv-st5/.installed-stamp:
@@ -35,6 +51,11 @@ compat: .venv-st5/.installed-stamp
 	.venv-st5/bin/python -m pip install -q torch==2.13.0
 	.venv-st5/bin/python -m pip install -q 'sentence-transformers[onnx]>=5,<6'
 	touch $@
+
+# Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock.
+REV ?= HEAD
+rebuild-check: $(STAMP)
+	$(BIN)/python -m stages.rebuild_check $(REV)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -q --benchmark-autosave
