@@ -8,21 +8,33 @@ Writes artifacts/bundle/ and artifacts/bundle.tar.gz:
   onnx/model.onnx                    fp32; other ONNX variants beside it
   trt/*.plan                         TensorRT plans, when build_trt made any
 The bundle needs nothing from the source folder or the pipeline.
+
+Both are reproducible: the same inputs and locked environment give the same bytes. No
+clock time goes in: the manifest's `created` is SOURCE_DATE_EPOCH (as ISO-8601 UTC) when
+that is set, else null; archive members are sorted, with fixed owner, modes and mtime
+(SOURCE_DATE_EPOCH or 0), in a gzip stream without name or time. The manifest records the
+lock file's sha256 and the versions of the tools that built the bundle.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import hashlib
 import importlib.metadata
 import logging
+import os
+import re
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
 from sbert_bundle.head import load_head
 from sbert_bundle.manifest import write_manifest
 
-from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, params_digest, read_json, stage_main
+from .common import (ARTIFACTS, REPO, StageError, atomic_dir, atomic_file, load_params, params_digest, read_json,
+                     stage_main)
 from .split import WEIGHT_FILES
 
 log = logging.getLogger("stages.package")
@@ -42,11 +54,69 @@ ONNX_VARIANTS = {
     "int8": ("int8/model_int8.onnx", "onnx/model_int8.onnx", {"precision": "int8", "fused": True, "devices": ["cpu"]}),
 }
 TOOLS = ("sbert-bundle", "torch", "transformers", "sentence-transformers", "onnx", "onnxruntime",
-         "onnxconverter-common", "tokenizers", "tensorrt")
+         "onnxconverter-common", "tokenizers", "numpy", "tensorrt")
+# The locked build environment (`make lock`), named in the manifest by its path in the repository.
+LOCK_NAME = "requirements/lock-py311.txt"
+LOCK_FILE = REPO / LOCK_NAME
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH (https://reproducible-builds.org/specs/source-date-epoch/) or None."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise StageError(f"SOURCE_DATE_EPOCH={value!r}: expected a non-negative integer (seconds since 1970 UTC)")
+    return int(value)
+
+
+def created_time() -> str | None:
+    """The manifest's `created`: SOURCE_DATE_EPOCH as ISO-8601 UTC, else None (never the clock)."""
+    epoch = source_date_epoch()
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 normalised distribution name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(text: str) -> dict[str, str]:
+    """{normalised name: version} of every `name==version` line of a pip requirements lock."""
+    return {canonical_name(m.group(1)): m.group(2) for line in text.splitlines() if (m := _PIN.match(line))}
+
+
+def lock_drift(pins: dict[str, str]) -> dict[str, str | None]:
+    """Locked packages whose installed version is another: {name: installed version or None}."""
+    drift = {}
+    for name, want in sorted(pins.items()):
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have != want:
+            drift[name] = have
+    return drift
+
+
+def lock_record(lock: Path = LOCK_FILE) -> dict | None:
+    """The lock's name and sha256, and which locked packages are installed at other versions."""
+    if not lock.is_file():
+        log.warning("%s not found: the manifest records no lock", lock)
+        return None
+    data = lock.read_bytes()
+    drift = lock_drift(lock_pins(data.decode("utf-8")))
+    if drift:
+        log.warning("the environment differs from %s (not reproducible): %s", LOCK_NAME,
+                    ", ".join(f"{k} {v or 'missing'}" for k, v in drift.items()))
+    return {"file": LOCK_NAME, "sha256": hashlib.sha256(data).hexdigest(), "drift": drift}
 
 
 def tool_versions() -> dict:
-    found = {}
+    found = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
     for name in TOOLS:
         try:
             found[name] = importlib.metadata.version(name)
@@ -111,10 +181,11 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
     fields = {
         "name": params["model"]["name"],
         "version": str(params["model"]["version"]),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created_time(),
         "source": source,
         "params_sha256": params_digest({k: params.get(k) for k in BUILD_SECTIONS}),
         "tools": tool_versions(),
+        "lock": lock_record(),
         "embedding_dimension": head.embedding_dimension,
         "max_seq_length": head.max_seq_length,
         "variants": variants,
@@ -127,12 +198,41 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         raise StageError(str(e)) from None
 
 
+def archive_members(bundle: Path, extra: dict[str, Path] | None = None) -> list[tuple[str, Path]]:
+    """(archive name, path): bundle/ and everything under it in sorted order, then the extra
+    files in sorted order of their archive names. Only folders and plain files."""
+    bundle = Path(bundle)
+    members = [("bundle", bundle)]
+    for path in sorted(bundle.rglob("*"), key=lambda p: p.relative_to(bundle).parts):
+        members.append((f"bundle/{path.relative_to(bundle).as_posix()}", path))
+    members += [(name, Path(extra[name])) for name in sorted(extra or {})]
+    for name, path in members:
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            raise StageError(f"{path}: only folders and plain files go into an archive (archive name {name})")
+    return members
+
+
 def archive(bundle: Path, dest: Path, level: int, extra: dict[str, Path] | None = None) -> None:
-    """dest.tar.gz holding bundle/ (and extra files at the top, by archive name)."""
-    with tarfile.open(dest, "w:gz", compresslevel=level) as tar:
-        tar.add(bundle, arcname="bundle")
-        for name, path in (extra or {}).items():
-            tar.add(path, arcname=name)
+    """dest.tar.gz holding bundle/ (and extra files at the top, by archive name).
+
+    Byte-reproducible: members sorted, owner root:root with no names, modes 0755 / 0644,
+    mtime SOURCE_DATE_EPOCH or 0; PAX tar in a gzip stream whose header has no name and no time."""
+    mtime = source_date_epoch() or 0
+    with open(dest, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in archive_members(bundle, extra):
+            info = tarfile.TarInfo(name)
+            info.mtime = mtime
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.mode, info.size = 0o644, path.stat().st_size
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
 
 
 def main() -> None:

@@ -1,0 +1,262 @@
+"""Rebuild a revision in a temporary clone and compare its outputs with what was published.
+
+    python -m stages.rebuild_check [REV] [--archive FILE] [--sha256 HEX] [--keep]
+
+Clones this repository at REV (default HEAD) into a temporary folder, runs `dvc repro` there
+with this environment's python and dvc (first on PATH), and compares the md5 of every stage
+output in the rebuilt dvc.lock with the one committed at REV, stage by stage in the order of
+the DAG; it names the first stage whose output differs. Outputs that are not meant to repeat:
+  verify    speed measurements (report.json, metrics): never compared;
+  release   seals verify's report, so it reproduces only with that same report: given
+            --archive (a published release archive), the published report is put in the
+            clone and `release` re-run, and the result must be the archive, bit for bit.
+A build output that differs while the rebuilt bundle still passes verify's gates (the
+`dvc repro` in the clone runs verify on it) is reported as "differs within verify's gates".
+--archive FILE also takes a bundle.tar.gz; --sha256 HEX compares a published digest with
+the rebuilt bundle.tar.gz and release archive. Exit 0 when every compared output is the
+same, 1 otherwise. The environment is checked against the lock at REV first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .common import REPO, StageError, stage_main
+from .package import LOCK_NAME, lock_drift, lock_pins
+
+log = logging.getLogger("stages.rebuild_check")
+# Stages whose outputs hold measurements that differ run to run, and why.
+TIMING = {"verify": "speed measurements, different on every run"}
+RELEASE = "release"
+MAX_REPORT_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stage: str
+    path: str
+    status: str          # same | differs | missing | timing | sealed
+    committed: str | None = None
+    rebuilt: str | None = None
+
+
+def lock_outs(lock: dict) -> dict[str, dict[str, str]]:
+    """{stage: {output path: md5}} of a parsed dvc.lock (schema 2.0)."""
+    stages = (lock or {}).get("stages") or {}
+    return {name: {o["path"]: o.get("md5") for o in stage.get("outs") or []} for name, stage in stages.items()}
+
+
+def stage_order(lock: dict) -> list[str]:
+    """Stages of a dvc.lock, each after every stage whose output it reads (ties: file order)."""
+    stages = (lock or {}).get("stages") or {}
+    producer = {o["path"]: name for name, s in stages.items() for o in s.get("outs") or []}
+
+    def upstream(name: str) -> set[str]:
+        found = set()
+        for dep in (d["path"] for d in stages[name].get("deps") or []):
+            for out, prod in producer.items():
+                if prod != name and (dep == out or dep.startswith(out.rstrip("/") + "/")):
+                    found.add(prod)
+        return found
+
+    order, placed = [], set()
+    pending = list(stages)
+    while pending:
+        ready = [n for n in pending if upstream(n) <= placed] or pending[:1]  # a cycle: take file order
+        order.append(ready[0])
+        placed.add(ready[0])
+        pending.remove(ready[0])
+    return order
+
+
+def compare(committed: dict, rebuilt: dict) -> list[Outcome]:
+    """Every output of the committed dvc.lock against the rebuilt one, in DAG order."""
+    want, got = lock_outs(committed), lock_outs(rebuilt)
+    outcomes = []
+    for stage in stage_order(committed):
+        for path, md5 in want[stage].items():
+            new = got.get(stage, {}).get(path)
+            if stage in TIMING:
+                status = "timing"
+            elif stage == RELEASE:
+                status = "sealed"
+            elif new is None:
+                status = "missing"
+            else:
+                status = "same" if new == md5 else "differs"
+            outcomes.append(Outcome(stage, path, status, md5, new))
+    return outcomes
+
+
+def verdict(outcomes: list[Outcome], repro_ok: bool) -> tuple[list[str], str | None]:
+    """Lines to print, and the first stage whose output differs (None: all compared the same)."""
+    lines, first = [], None
+    for o in outcomes:
+        if o.status == "same":
+            text = "same"
+        elif o.status == "timing":
+            text = f"not compared: {TIMING[o.stage]}"
+        elif o.status == "sealed":
+            text = "not compared: seals verify's report (timing); reproduces only with that report (--archive)"
+        elif o.status == "missing":
+            text = "not rebuilt (dvc repro stopped before this stage)"
+        elif repro_ok:
+            text = f"differs within verify's gates (committed {o.committed}, rebuilt {o.rebuilt})"
+        else:
+            text = f"differs (committed {o.committed}, rebuilt {o.rebuilt}); verify did not pass on the rebuild"
+        if o.status in ("differs", "missing") and first is None:
+            first = o.stage
+        lines.append(f"{o.stage:<13} {o.path:<32} {text}")
+    return lines, first
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def release_report(archive: Path, report_name: str) -> bytes | None:
+    """The verify report at the top of a release archive, or None for a bare bundle archive."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name == report_name:
+                    if not member.isfile() or member.size > MAX_REPORT_BYTES:
+                        raise StageError(f"{archive}: {report_name} is not a plain file of at most "
+                                         f"{MAX_REPORT_BYTES} bytes")
+                    return tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise StageError(f"{archive}: not a readable .tar.gz ({e})") from None
+    return None
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise StageError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def environment() -> dict:
+    """This environment's python and dvc first on PATH, for the stage commands in the clone."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
+    """Clone REPO at rev into work/src and run dvc repro; (clone, committed dvc.lock, repro passed)."""
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    clone = work / "src"
+    git("clone", "--quiet", "--no-checkout", str(REPO), str(clone))
+    git("checkout", "--quiet", "--detach", commit, cwd=clone)
+    committed_lock = clone / "dvc.lock"
+    if not committed_lock.is_file():
+        raise StageError(f"{rev} ({commit[:12]}) has no dvc.lock: nothing to compare with")
+    committed = yaml.safe_load(committed_lock.read_text())
+    lock = clone / LOCK_NAME
+    if lock.is_file():
+        drift = lock_drift(lock_pins(lock.read_text()))
+        if drift:
+            log.warning("this environment differs from %s at %s, so outputs may differ: %s", LOCK_NAME, rev,
+                        ", ".join(f"{k} {v or 'missing'}" for k, v in drift.items()))
+    else:
+        log.warning("%s at %s has no %s: the build environment is not locked there", rev, commit[:12], LOCK_NAME)
+    log.info("rebuilding %s (%s) in %s", rev, commit[:12], clone)
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=environment())
+    return clone, committed, done.returncode == 0
+
+
+def check_archive(clone: Path, archive: Path) -> tuple[bool, str]:
+    """A published bundle.tar.gz or release archive against the rebuild."""
+    from sbert_bundle.bundle import REPORT_FILE
+
+    want = sha256_file(archive)
+    report = release_report(archive, REPORT_FILE)
+    if report is None:
+        built = clone / "artifacts" / "bundle.tar.gz"
+        got = sha256_file(built) if built.is_file() else None
+        return got == want, f"bundle archive {archive.name}: sha256 {want}, rebuilt {got}"
+    target = clone / "artifacts" / "verify" / "report.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(report)
+    done = subprocess.run([sys.executable, "-m", "stages.release", "--quiet"], cwd=clone, env=environment(),
+                          capture_output=True, text=True)
+    if done.returncode:
+        return False, (f"release archive {archive.name}: `release` refused the rebuilt bundle with the published "
+                       f"report: {done.stderr.strip()}")
+    built = sorted((clone / "artifacts" / "release").glob("*.tar.gz"))
+    got = sha256_file(built[0]) if len(built) == 1 else None
+    return got == want, f"release archive {archive.name} (with its own verify report): sha256 {want}, rebuilt {got}"
+
+
+def check_sha256(clone: Path, digest: str) -> tuple[bool, str]:
+    candidates = [clone / "artifacts" / "bundle.tar.gz", *sorted((clone / "artifacts" / "release").glob("*.tar.gz"))]
+    for path in candidates:
+        if path.is_file() and sha256_file(path) == digest.lower():
+            return True, f"sha256 {digest}: the rebuilt {path.relative_to(clone)}"
+    return False, (f"sha256 {digest}: no rebuilt archive has it (a release archive holds a fresh verify report; "
+                   "pass the published archive with --archive to compare it)")
+
+
+def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None) -> int:
+    clone, committed, repro_ok = rebuild(rev, work)
+    rebuilt = yaml.safe_load((clone / "dvc.lock").read_text())
+    lines, first = verdict(compare(committed, rebuilt), repro_ok)
+    print(f"rebuild of {rev} against its dvc.lock:")
+    print("\n".join(lines))
+    ok = first is None and repro_ok
+    for check, arg in ((check_archive, archive), (check_sha256, digest)):
+        if arg:
+            same, text = check(clone, arg)
+            print(("same: " if same else "DIFFERS: ") + text)
+            ok = ok and same
+    if first:
+        print(f"first difference: stage {first}")
+    if not repro_ok:
+        print("dvc repro failed in the clone (its log is above)")
+    print("rebuild check " + ("passed: the same bytes" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+def main() -> None:
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("rev", nargs="?", default="HEAD", help="git revision or tag to rebuild (default HEAD)")
+        parser.add_argument("--archive", type=Path, help="a published release archive or bundle.tar.gz")
+        parser.add_argument("--sha256", help="a published archive's sha256 (e.g. from the version tag)")
+        parser.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
+
+    def body(args):
+        if args.archive and not args.archive.is_file():
+            raise StageError(f"--archive {args.archive}: no such file")
+        work = Path(tempfile.mkdtemp(prefix="sbert-rebuild-"))
+        try:
+            code = run(args.rev, work, args.archive and args.archive.resolve(), args.sha256)
+        finally:
+            if args.keep:
+                print(f"clone kept in {work / 'src'}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        sys.exit(code)
+
+    stage_main(__doc__, body, add_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Reproducible builds: the same inputs and locked environment give the same bytes.
+
+Two builds of a tiny model by the real stage functions in two folders must give identical
+bundles and archives; SOURCE_DATE_EPOCH changes the manifest's `created` and the archive
+members' mtime and nothing else; the environment is the lock's; the rebuild check's
+comparison of two dvc.lock files names the first stage that differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import build_bundle, fast_params
+from stages import package, rebuild_check
+from stages.common import StageError
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory, tiny_model, params):
+    """The tiny model built twice (fp32, fused, fp16, int8) in two folders, each with its archive."""
+    p = fast_params(params)
+    builds = []
+    for name in ("first", "second"):
+        root = tmp_path_factory.mktemp(f"repro-{name}")
+        bundle = build_bundle(tiny_model, root, p, fp16=True, int8=True)
+        archive = root / "artifacts" / f"{name}.tar.gz"  # other names: the gzip header must not hold one
+        package.archive(bundle, archive, p["package"]["compresslevel"])
+        builds.append((root / "artifacts", archive))
+    return builds
+
+
+def test_two_builds_give_the_same_bytes(two_builds):
+    (art_a, archive_a), (art_b, archive_b) = two_builds
+    for stage in ("onnx", "fp16", "int8", "bundle"):
+        files = tree_digests(art_a / stage)
+        assert files, f"{stage} is empty"
+        assert files == tree_digests(art_b / stage), f"artifacts/{stage} differs between two builds"
+    assert "onnx/model_int8.onnx" in tree_digests(art_a / "bundle")
+    assert digest(archive_a) == digest(archive_b)
+
+
+def test_manifest_has_no_clock_time_and_records_the_lock(two_builds):
+    manifest = json.loads((two_builds[0][0] / "bundle" / "manifest.json").read_text())
+    assert manifest["created"] is None
+    assert manifest["lock"] == {"file": package.LOCK_NAME, "sha256": digest(package.LOCK_FILE), "drift": {}}
+    assert manifest["tools"]["torch"] == importlib.metadata.version("torch")
+    assert re.fullmatch(r"3\.\d+", manifest["tools"]["python"])
+
+
+def test_archive_ignores_file_times_owners_and_modes(tmp_path, two_builds):
+    bundle = two_builds[0][0] / "bundle"
+    copy_ = tmp_path / "bundle"
+    shutil.copytree(bundle, copy_)
+    for i, f in enumerate(sorted(copy_.rglob("*"))):
+        f.chmod(0o700 if f.is_dir() else 0o600 + (i % 2) * 0o100)
+        os.utime(f, (1_000_000 + i, 2_000_000 + i))
+    package.archive(copy_, tmp_path / "again.tar.gz", 1)
+    assert digest(tmp_path / "again.tar.gz") == digest(two_builds[0][1])
+    raw = (tmp_path / "again.tar.gz").read_bytes()
+    assert raw[3] & 0x08 == 0, "gzip header holds a file name"
+    assert raw[4:8] == b"\0\0\0\0", "gzip header holds a time"
+    with tarfile.open(tmp_path / "again.tar.gz") as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names[0] == "bundle" and names == ["bundle"] + sorted(names[1:], key=lambda n: n.split("/"))
+    assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "", "", 0)}
+    assert {m.mode for m in members if m.isdir()} == {0o755}
+    assert {m.mode for m in members if m.isfile()} == {0o644}
+
+
+def test_archive_refuses_a_symlink(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "link").symlink_to("/etc/passwd")
+    with pytest.raises(StageError, match="link"):
+        package.archive(tmp_path / "b", tmp_path / "x.tar.gz", 1)
+
+
+def test_source_date_epoch_changes_only_created_and_member_times(tmp_path, two_builds, params, monkeypatch):
+    art, archive = two_builds[0]
+    p = copy.deepcopy(fast_params(params))
+    p["package"]["variants"] = ["fp32", "fp32-fused", "fp16", "fp16-fused", "int8"]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    dated = tmp_path / "bundle"
+    dated.mkdir()
+    package.run(p, art, dated)
+    package.archive(dated, tmp_path / "dated.tar.gz", 1)
+
+    before, after = tree_digests(art / "bundle"), tree_digests(dated)
+    assert {k for k in before if before[k] != after[k]} == {"manifest.json"}
+    m0 = json.loads((art / "bundle" / "manifest.json").read_text())
+    m1 = json.loads((dated / "manifest.json").read_text())
+    assert m1["created"] == "2023-11-14T22:13:20+00:00"
+    assert {k for k in m0 if m0[k] != m1[k]} == {"created"}
+
+    with tarfile.open(archive) as t0, tarfile.open(tmp_path / "dated.tar.gz") as t1:
+        a, b = t0.getmembers(), t1.getmembers()
+        assert [m.name for m in a] == [m.name for m in b]
+        assert {m.mtime for m in b} == {1700000000}
+        for x, y in zip(a, b):
+            if x.isfile() and x.name != "bundle/manifest.json":
+                assert t0.extractfile(x).read() == t1.extractfile(y).read()
+    assert (tmp_path / "dated.tar.gz").read_bytes()[4:8] == b"\0\0\0\0"
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(StageError, match="SOURCE_DATE_EPOCH"):
+        package.created_time()
+
+
+def lock_entries(text: str) -> dict[str, list[str]]:
+    """{name==version: [hashes]} of a pip lock with --hash continuation lines."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if re.match(r"^[A-Za-z0-9]", line):
+            current = line.split()[0]
+            entries[current] = []
+        elif current and (h := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
+            entries[current].append(h.group(1))
+    return entries
+
+
+def test_installed_environment_is_the_lock():
+    text = package.LOCK_FILE.read_text()
+    entries = lock_entries(text)
+    assert len(entries) > 50 and all(entries.values()), "every locked package needs its hashes"
+    pins = package.lock_pins(text)
+    assert len(pins) == len(entries)
+    assert package.lock_drift(pins) == {}, "installed versions differ from the lock: run `make install`"
+    assert pins["torch"].endswith("+cpu"), "the lock must pin torch's CPU build"
+    assert not [n for n in pins if n.startswith("nvidia-")], "a CUDA dependency is in the lock"
+    for name in ("onnxruntime", "onnx", "transformers", "sentence-transformers", "dvc", "pytest"):
+        assert name in pins
+
+
+def test_lock_drift_names_other_and_missing_versions():
+    torch_version = importlib.metadata.version("torch")
+    pins = {"torch": torch_version, "onnx": "0.0.1", "surely-not-installed-pkg": "1.0"}
+    assert package.lock_drift(pins) == {"onnx": importlib.metadata.version("onnx"), "surely-not-installed-pkg": None}
+    assert package.lock_pins("Foo_Bar.baz==1.2 \\\n    --hash=sha256:ab\n# c==1\n") == {"foo-bar-baz": "1.2"}
+
+
+def dvc_lock(**outs) -> dict:
+    """A dvc.lock of the real DAG's shape with the given {stage: md5} for its outputs."""
+    dag = {"fetch": ([], "artifacts/source"), "split": (["artifacts/source"], "artifacts/split"),
+           "export_onnx": (["artifacts/split"], "artifacts/onnx"),
+           "quantize": (["artifacts/onnx"], "artifacts/int8"),
+           "package": (["artifacts/split", "artifacts/onnx", "artifacts/int8"], "artifacts/bundle"),
+           "verify": (["artifacts/bundle"], "artifacts/verify/report.json"),
+           "release": (["artifacts/bundle", "artifacts/verify/report.json"], "artifacts/release")}
+    # written out of DAG order, as a hand-edited or future dvc.yaml might be
+    order = ["release", "package", "verify", "quantize", "fetch", "export_onnx", "split"]
+    return {"schema": "2.0", "stages": {
+        s: {"cmd": f"python -m stages.{s}", "deps": [{"path": d, "md5": "x"} for d in dag[s][0]],
+            "outs": [{"path": dag[s][1], "md5": outs.get(s, f"{s}-md5")}]} for s in order if s in dag}}
+
+
+def test_rebuild_check_orders_stages_by_the_dag():
+    order = rebuild_check.stage_order(dvc_lock())
+    assert order.index("fetch") < order.index("split") < order.index("export_onnx") < order.index("quantize")
+    assert order.index("quantize") < order.index("package") < order.index("verify") < order.index("release")
+
+
+def test_rebuild_check_names_the_first_differing_stage():
+    committed = dvc_lock()
+    same = rebuild_check.compare(committed, dvc_lock(verify="other", release="other"))
+    lines, first = rebuild_check.verdict(same, repro_ok=True)
+    assert first is None
+    assert {o.stage: o.status for o in same}["verify"] == "timing"
+    assert {o.stage: o.status for o in same}["release"] == "sealed"
+
+    outcomes = rebuild_check.compare(committed, dvc_lock(quantize="int8-other", package="bundle-other"))
+    lines, first = rebuild_check.verdict(outcomes, repro_ok=True)
+    assert first == "quantize"
+    assert any(line.startswith("quantize") and "differs within verify's gates" in line for line in lines)
+    lines, first = rebuild_check.verdict(outcomes, repro_ok=False)
+    assert first == "quantize" and not any("within verify's gates" in line for line in lines)
+
+    partial = dvc_lock()
+    for stage in ("package", "verify", "release"):
+        del partial["stages"][stage]
+    lines, first = rebuild_check.verdict(rebuild_check.compare(committed, partial), repro_ok=False)
+    assert first == "package" and any("not rebuilt" in line for line in lines)
+
+
+def test_rebuild_check_reads_the_report_of_a_release_archive(tmp_path, two_builds):
+    art, bundle_archive = two_builds[0]
+    report = tmp_path / "verify.json"
+    report.write_text('{"failures": []}\n')
+    release = tmp_path / "release.tar.gz"
+    package.archive(art / "bundle", release, 1, extra={"verify.json": report})
+    assert rebuild_check.release_report(release, "verify.json") == report.read_bytes()
+    assert rebuild_check.release_report(bundle_archive, "verify.json") is None
+    (tmp_path / "junk.tar.gz").write_bytes(gzip.compress(b"not a tar"))
+    with pytest.raises(StageError, match="junk.tar.gz"):
+        rebuild_check.release_report(tmp_path / "junk.tar.gz", "verify.json")
