@@ -7,8 +7,9 @@ Needs numpy, tokenizers and onnxruntime (TensorRT optional); never torch.
     embeddings = bundle.encode(["a sentence", "another"])
 """
 
-from .bundle import Bundle, VariantError
+from .backends import BackendError
+from .bundle import Bundle, NonFiniteError, VariantError
 from .head import HeadError
 from .manifest import IntegrityError
 
-__all__ = ["Bundle", "VariantError", "IntegrityError", "HeadError"]
+__all__ = ["Bundle", "VariantError", "IntegrityError", "HeadError", "BackendError", "NonFiniteError"]

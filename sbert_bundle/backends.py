@@ -22,6 +22,27 @@ def _ort():
     return onnxruntime
 
 
+class BackendError(RuntimeError):
+    """onnxruntime could not load or run a variant's graph; one line naming the file."""
+
+
+# onnxruntime's own exception types derive from Exception, not from RuntimeError or OSError.
+_ORT_ERRORS = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+               "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(getattr(state, name) for name in _ORT_ERRORS if hasattr(state, name))
+
+
+def backend_error(path: Path, doing: str, error: BaseException) -> BackendError:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return BackendError(f"{path}: onnxruntime could not {doing} it ({first[:300]})")
+
+
 def ort_providers() -> list[str]:
     return _ort().get_available_providers()
 
@@ -56,7 +77,11 @@ class OrtBackend:
         if threads:
             options.intra_op_num_threads = threads
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except ort_errors() as e:
+            raise backend_error(self.path, "load", e) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
@@ -65,7 +90,10 @@ class OrtBackend:
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: inputs[name] for name in self.input_names}
-        out = self.session.run([self.output_name], feed)[0]
+        try:
+            out = self.session.run([self.output_name], feed)[0]
+        except ort_errors() as e:
+            raise backend_error(self.path, "run", e) from None
         return out.astype(np.float32, copy=False)
 
 

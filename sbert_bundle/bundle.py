@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .archive import REPORT_FILE, SEAL_FILE, extract_bundle
 from .backends import open_backend, pick_device
 from .head import HEAD_FILE, load_head
-from .manifest import MANIFEST_FILE, IntegrityError, check_integrity, read_manifest
+from .manifest import (MANIFEST_FILE, IntegrityError, check_integrity, check_threads, cpu_count, read_manifest,
+                       sha256_file)
 from .tokenization import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "verify.json"
 # Without a verify report, CPU variants are preferred in this order (the most exact first).
-CPU_PREFERENCE = ("fp32-fused", "fp32", "int8")
+# Lossy variants (int8) are never picked by default: they run only when named.
+CPU_PREFERENCE = ("fp32-fused", "fp32")
 # On a GPU: a TensorRT plan first, then the fused fp16 graph on onnxruntime CUDA.
 GPU_PREFERENCE = ("fp16-fused", "fp16", "fp32-fused", "fp32")
 
@@ -29,48 +29,57 @@ class VariantError(LookupError):
     """The requested variant is unknown or cannot run here; lists what can."""
 
 
-def _extract_tarball(path: Path) -> tuple[Path, tempfile.TemporaryDirectory]:
-    tmp = tempfile.TemporaryDirectory(prefix="sbert-bundle-")
-    with tarfile.open(path) as tar:
-        tar.extractall(tmp.name, filter="data")
-    manifests = sorted(Path(tmp.name).rglob(MANIFEST_FILE), key=lambda p: len(p.parts))
-    if not manifests:
-        tmp.cleanup()
-        raise FileNotFoundError(f"{path} holds no {MANIFEST_FILE}: not a bundle archive")
-    return manifests[0].parent, tmp
+class NonFiniteError(ArithmeticError):
+    """A variant produced NaN or Inf embeddings: its numbers are wrong, not just imprecise."""
+
+
+def exact_here(variant: dict, device: str | None) -> bool:
+    """Whether `variant=None` may pick this variant on device: fp32 anywhere, fp16 only on a GPU.
+    Lossy ones (int8, fp16 on a CPU) give other embeddings than the reference: only when named."""
+    precision = variant.get("precision")
+    return precision == "fp32" or (precision == "fp16" and device == "cuda")
 
 
 def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | None, str]]:
     """Every variant as (name, device or None, why), best first for `variant=None`."""
-    variants = manifest.get("variants", {})
+    variants = manifest["variants"]
     placed = {name: pick_device(v) for name, v in variants.items()}
     passed = None
-    if report:
-        passed = {name: r for name, r in report.get("variants", {}).items() if r.get("passed")}
+    if report:  # a result counts only on the device it was measured on (a CPU pass says nothing of CUDA)
+        passed = {name: r for name, r in report["variants"].items()
+                  if name in placed and r["passed"] is True and r["device"] == placed[name][0]}
 
     def key(name: str):
         device, _ = placed[name]
         v = variants[name]
         if device is None:
             return (9, 0.0, name)
+        if not exact_here(v, device):  # runs when named (int8; fp16 on a CPU, for checking): never by default
+            return (8, 0.0, name)
         if passed is not None and name not in passed:
             return (7, 0.0, name)
         if v["backend"] == "tensorrt":
             return (0, 0.0, name)
         if device == "cuda":
             return (1, GPU_PREFERENCE.index(name) if name in GPU_PREFERENCE else 9, name)
-        if v.get("precision") == "fp16":  # runs on CPU, but only for checking: never chosen first
-            return (8, 0.0, name)
         if passed is not None:
-            return (2, -passed[name].get("sentences_per_s", 0.0), name)
+            return (2, -passed[name]["sentences_per_s"], name)
         return (3, CPU_PREFERENCE.index(name) if name in CPU_PREFERENCE else 9, name)
 
     ranked = []
     for name in sorted(variants, key=key):
         device, reason = placed[name]
-        if device is not None and passed is not None and name not in passed:
-            checked = name in report.get("variants", {})
-            reason = "did not pass its verify gates" if checked else "not checked by the verify report"
+        if device is not None and not exact_here(variants[name], device):
+            reason = (f"{variants[name].get('precision')} on {device} differs from the reference: "
+                      "used only when named (variant=...)")
+        elif device is not None and passed is not None and name not in passed:
+            result = report["variants"].get(name)
+            if result is None:
+                reason = "not checked by the verify report"
+            elif result["device"] != device:
+                reason = f"verify measured it on {result['device']}, not on {device}"
+            else:
+                reason = "did not pass its verify gates"
         ranked.append((name, device, reason))
     return ranked
 
@@ -79,7 +88,7 @@ class Bundle:
     """A loaded bundle variant. `encode` is safe to call from several threads at once."""
 
     def __init__(self, root: Path, manifest: dict, variant: str, device: str, threads: int | None = None,
-                 report: dict | None = None, _tmp=None):
+                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False):
         self.root = Path(root)
         self.manifest = manifest
         self.variant = variant
@@ -89,18 +98,21 @@ class Bundle:
         self.head = load_head(self.root)
         self.tokenizer = TextTokenizer(self.root / TOKENIZER_FILE, self.head)
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
-        if threads is None and device == "cpu":
-            threads = runtime.get("cpu_threads") or None
+        if threads is not None:
+            threads = check_threads(threads)
+        elif runtime.get("cpu_threads"):  # a hint from the build machine: never more than the cores here
+            threads = min(runtime["cpu_threads"], cpu_count())
         spec = manifest["variants"][variant]
         try:
-            self.backend = open_backend(self.root, spec, device, threads, runtime.get("cuda_graph_buckets"),
-                                        self.head.pad_token_id)
+            self.backend = open_backend(self.root, spec, device, threads if device == "cpu" else None,
+                                        runtime.get("cuda_graph_buckets"), self.head.pad_token_id)
         except Exception as e:  # e.g. onnxruntime-gpu but no usable GPU or driver (onnxruntime's own error types)
-            if device != "cuda" or "cpu" not in spec.get("devices", []) or spec["backend"] != "onnxruntime":
+            if not cpu_fallback or device != "cuda" or "cpu" not in spec.get("devices", []) \
+                    or spec["backend"] != "onnxruntime" or not exact_here(spec, "cpu"):
                 raise
             log.warning("variant %s: CUDA failed (%s); using the CPU", variant, e)
             self.device = device = "cpu"
-            self.backend = open_backend(self.root, spec, "cpu", threads or runtime.get("cpu_threads") or None)
+            self.backend = open_backend(self.root, spec, "cpu", threads)
         self.embedding_dimension = self.head.embedding_dimension
         # On CPU, token-capped batches are much faster (activations stay in cache); GPUs like big ones.
         self.max_batch_tokens = runtime.get("cpu_max_batch_tokens") if device == "cpu" else None
@@ -111,22 +123,36 @@ class Bundle:
         """Open a bundle folder or .tar.gz, check every file against the manifest, pick a variant.
 
         variant: a name from the manifest (`fp32`, `fp16-fused`, `int8`, a TensorRT plan…) or
-        None for the best one that runs here.
+        None for the best exact one that runs here (lossy variants such as int8 only when named).
+        threads: onnxruntime intra-op threads on CPU, 1..the cores this process may use.
+        An archive is checked before anything is written (see `sbert_bundle.archive`); a
+        sealed release's verify report is used only when its seal matches (`read_sealed_report`).
         """
         path = Path(path)
+        if threads is not None:
+            check_threads(threads)
         tmp = None
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
-            root, tmp = _extract_tarball(path)
+            root, tmp = extract_bundle(path)
         elif path.is_dir():
             root = path
         else:
             raise FileNotFoundError(f"{path}: no such bundle folder or archive")
+        try:
+            return cls._open(root, variant, threads, verify_integrity, tmp)
+        except BaseException:
+            if tmp is not None:
+                tmp.cleanup()
+            raise
+
+    @classmethod
+    def _open(cls, root: Path, variant: str | None, threads: int | None, verify_integrity: bool, tmp) -> "Bundle":
         manifest = read_manifest(root)
         if verify_integrity:
             check_integrity(root, manifest, required=runtime_files(root, manifest))
         report = None
-        if tmp is not None and root != Path(tmp.name) and (root.parent / REPORT_FILE).is_file():
-            report = _read_report(root.parent / REPORT_FILE)  # a sealed release: bundle/ + verify.json
+        if tmp is not None and root != Path(tmp.name):  # a release: bundle/ beside verify.json and release.json
+            report = read_sealed_report(root.parent, root)
         ranked = rank_variants(manifest, report)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
         if variant is None:  # the best that opens: a plan or GPU graph may still fail to load here
@@ -134,13 +160,13 @@ class Bundle:
             for name, device in runnable:
                 try:
                     log.info("bundle %s: using variant %s on %s", root, name, device)
-                    return cls(root, manifest, name, device, threads, report, tmp)
+                    return cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True)
                 except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
                     log.warning("variant %s on %s failed to open (%s); trying the next one", name, device, e)
                     failed.append((name, None, f"failed to open: {e}"))
             ranked = failed + [r for r in ranked if r[0] not in {f[0] for f in failed}]
             raise VariantError(_explain(f"no variant of {root} runs here", ranked))
-        if variant not in manifest.get("variants", {}):
+        if variant not in manifest["variants"]:
             raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))
         device = dict((n, d) for n, d, _ in ranked)[variant]
         if device is None:
@@ -162,6 +188,11 @@ class Bundle:
         for i, s in enumerate(items):
             if not isinstance(s, str):
                 raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"sentences[{i}] is not valid Unicode text: {e.reason} "
+                                 f"(U+{ord(s[e.start]):04X} at character {e.start})") from None
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_batch_tokens == -1:
@@ -170,7 +201,13 @@ class Bundle:
         encodings = self.tokenizer.encode(items)
         for idx in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
             features = self.tokenizer.pad([encodings[i] for i in idx])
-            out[idx] = self.head(self.backend(features), features["attention_mask"])
+            emb = self.head(self.backend(features), features["attention_mask"])
+            finite = np.isfinite(emb).all(axis=1)
+            if not finite.all():
+                first = min(i for i, ok in zip(idx, finite) if not ok)
+                raise NonFiniteError(f"variant {self.variant} on {self.device} gave a NaN or Inf embedding for "
+                                     f"sentence {first} (0-based); this variant's numbers are wrong here")
+            out[idx] = emb
         return out[0] if single else out
 
     def describe(self) -> dict:
@@ -229,14 +266,70 @@ def runtime_files(root: Path, manifest: dict) -> list[str]:
     return files
 
 
-def _read_report(path: Path) -> dict:
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path.name} in the release archive is not valid JSON ({e})") from None
-    if not isinstance(report, dict):
-        raise IntegrityError(f"{path.name} in the release archive is not a JSON object")
+def read_sealed_report(top: Path, root: Path) -> dict | None:
+    """The verify report of a release (top/verify.json), only if release.json seals it to this bundle.
+
+    release.json records the sha256 of verify.json and of the bundle's manifest.json (which
+    covers every file by sha256): an edited report, a report for another bundle, a report that
+    lists failures or is malformed is refused. The archive's own sha256, published with its
+    version, is what a consumer checks the whole release against (`sbert-bundle pull`)."""
+    report_path, seal_path = top / REPORT_FILE, top / SEAL_FILE
+    if not report_path.is_file() and not seal_path.is_file():
+        return None
+    if not report_path.is_file() or not seal_path.is_file():
+        missing = REPORT_FILE if not report_path.is_file() else SEAL_FILE
+        raise IntegrityError(f"release archive has no {missing}: the verify report is not sealed to the bundle")
+    seal = _json_object(seal_path)
+    manifest_sha = sha256_file(root / MANIFEST_FILE)
+    if seal.get("report_sha256") != sha256_file(report_path):
+        raise IntegrityError(f"{REPORT_FILE} in the release archive was changed after release "
+                             f"(its sha256 is not the one {SEAL_FILE} records)")
+    if seal.get("bundle_manifest_sha256") != manifest_sha:
+        raise IntegrityError(f"{SEAL_FILE} in the release archive seals another bundle "
+                             f"(manifest sha256 {str(seal.get('bundle_manifest_sha256'))[:12]}…, this one is "
+                             f"{manifest_sha[:12]}…)")
+    report = _json_object(report_path)
+    problems = report_problems(report, manifest_sha)
+    if problems:
+        raise IntegrityError(f"{REPORT_FILE} in the release archive cannot be used: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
     return report
+
+
+def report_problems(report: dict, manifest_sha: str) -> list[str]:
+    """What makes a verify report unusable for choosing a variant: foreign, failing or mistyped."""
+    problems = []
+    bundle = report.get("bundle")
+    if not isinstance(bundle, dict) or bundle.get("manifest_sha256") != manifest_sha:
+        problems.append("it was made for another bundle (bundle.manifest_sha256 differs)")
+    if report.get("failures") != []:
+        problems.append(f"it lists failed gates: {report.get('failures')!r:.200}")
+    variants = report.get("variants")
+    if not isinstance(variants, dict):
+        return problems + ["variants: expected an object"]
+    for name, r in variants.items():
+        if not isinstance(r, dict):
+            problems.append(f"variants[{name!r}]: expected an object")
+            continue
+        if r.get("passed") is not True:
+            problems.append(f"variants[{name!r}].passed: {r.get('passed')!r}; a released report has only passes")
+        if not isinstance(r.get("device"), str):
+            problems.append(f"variants[{name!r}].device: expected a string")
+        for key in ("sentences_per_s", "min_cosine"):
+            value = r.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < -1:
+                problems.append(f"variants[{name!r}].{key}: {value!r} is not a finite number")
+    return problems
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{path.name} in the release archive is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path.name} in the release archive is not a JSON object")
+    return data
 
 
 def _explain(head: str, ranked) -> str:

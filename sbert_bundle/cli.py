@@ -5,42 +5,73 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, VariantError
+from .backends import BackendError
+from .bundle import Bundle, NonFiniteError, VariantError
 from .head import HeadError
-from .manifest import IntegrityError
+from .manifest import IntegrityError, check_threads
+
+
+def read_sentences(source: str) -> list[str]:
+    """One sentence per line from a file or stdin ("-"), decoded as strict UTF-8."""
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    where = "standard input" if source == "-" else source
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{where} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
+                         f"(byte offset {e.start}) ({e.reason})") from None
+    return [line.rstrip("\r") for line in text.split("\n")[:-1 if text.endswith("\n") else None]] if text else []
+
+
+def write_output(path: str, emb: np.ndarray) -> None:
+    """Write beside path, then rename over it: a failed write leaves the old file (if any) as it was."""
+    target = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent if str(target.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.endswith(".npy"):
+                np.save(f, emb)
+            else:
+                for row in emb:
+                    f.write((json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n").encode())
+        os.chmod(name, 0o644)
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def _encode(args) -> None:
-    source = open(args.input, encoding="utf-8") if args.input != "-" else sys.stdin
-    with source:
-        sentences = [line.rstrip("\n").rstrip("\r") for line in source]
+    if args.threads is not None:
+        check_threads(args.threads, "--threads")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more")
+    sentences = read_sentences(args.input)
     bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads)
     emb = bundle.encode(sentences, batch_size=args.batch_size)
-    if args.output and args.output.endswith(".npy"):
-        np.save(args.output, emb)
+    if args.output:
+        write_output(args.output, emb)
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
               f"(variant {bundle.variant} on {bundle.device})", file=sys.stderr)
         return
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for row in emb:
-            out.write(json.dumps([round(float(x), 7) for x in row]) + "\n")
-    finally:
-        if args.output:
-            out.close()
+    for row in emb:
+        sys.stdout.write(json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n")
 
 
 def _inspect(args) -> None:
     bundle = Bundle.load(args.bundle, variant=args.variant)
     info = bundle.describe()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, allow_nan=False))
         return
     print(f"{info['name']} {info['version']}  (created {info['created']})")
     src = info["source"]
@@ -74,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("-o", "--output", help="FILE.npy for a float32 array, else JSON lines (default: stdout)")
     enc.add_argument("--variant", help="variant name from the manifest (default: best that runs here)")
     enc.add_argument("--batch-size", type=int, default=32)
-    enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads on CPU (1 to the number of cores)")
     enc.set_defaults(func=_encode)
 
     ins = sub.add_parser("inspect", help="manifest, variants, which one runs here and why")
@@ -87,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except (IntegrityError, VariantError, HeadError, OSError, EOFError, tarfile.TarError, ValueError,
-            RuntimeError) as e:
+    except (IntegrityError, VariantError, HeadError, BackendError, NonFiniteError, OSError, EOFError,
+            tarfile.TarError, ValueError, TypeError, RuntimeError) as e:
         print(f"sbert-bundle: error: {e}", file=sys.stderr)
         return 1
     return 0

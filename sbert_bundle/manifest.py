@@ -17,12 +17,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_SCHEMA = 1
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# Bounds on what a manifest from someone else may ask for. A bundle holds a few dozen files;
+# the largest real one (all-mpnet-base-v2 with every variant) is about 2 GB.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILES = 10_000
+MAX_BUNDLE_BYTES = 64 << 30
+MAX_THREADS = 256            # manifest hint: above this it is not a plausible default but an attack
+MAX_BATCH_TOKENS = 1 << 20
+MAX_BUCKET_SIDE = 1 << 16
+MAX_SHOWN_PROBLEMS = 20
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16", "fp8")
+DEVICES = ("cpu", "cuda")
 
 
 class IntegrityError(RuntimeError):
@@ -56,24 +71,135 @@ def write_manifest(root: Path, fields: dict) -> dict:
     for name, variant in manifest.get("variants", {}).items():
         if variant["file"] not in manifest["files"]:
             raise ValueError(f"variant {name!r} points at {variant['file']}, which is not in the bundle")
+    problems = manifest_problems(manifest)  # write nothing that read_manifest would refuse
+    if problems:
+        raise ValueError(f"manifest for {root} is not valid: {summarize(problems)}")
     (Path(root) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 
 def read_manifest(root: Path) -> dict:
+    """Read and validate root/manifest.json; IntegrityError names every problem."""
     path = Path(root) / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{path} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+        return parse_manifest(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise IntegrityError(f"{path} not found: {root} is not a bundle") from None
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Decode and validate a manifest's bytes (from a file or an archive member named `where`)."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise IntegrityError(f"{where} is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path} is not valid JSON ({e})") from None
+        raise IntegrityError(f"{where} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
-        raise IntegrityError(f"{path} holds a JSON {type(manifest).__name__}, expected an object")
+        raise IntegrityError(f"{where} holds a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("schema_version") != MANIFEST_SCHEMA:
         raise IntegrityError(
-            f"{path} has schema_version {manifest.get('schema_version')!r}; this runtime reads {MANIFEST_SCHEMA}")
+            f"{where} has schema_version {manifest.get('schema_version')!r}; this runtime reads {MANIFEST_SCHEMA}")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise IntegrityError(f"{where} is not a valid manifest: {summarize(problems)}")
     return manifest
+
+
+def summarize(problems: list[str]) -> str:
+    """At most a screenful of problems, then how many more."""
+    shown = problems[:MAX_SHOWN_PROBLEMS]
+    more = len(problems) - len(shown)
+    text = f"{len(problems)} problem(s):\n  " + "\n  ".join(shown)
+    return text + (f"\n  ... and {more} more" if more else "")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return _is_int(value) and low <= value <= high
+
+
+def manifest_problems(m: dict) -> list[str]:
+    """Every type and range problem of a decoded manifest: the schema, checked before anything is used."""
+    problems = []
+
+    def need(ok: bool, what: str) -> bool:
+        if not ok:
+            problems.append(what)
+        return ok
+
+    for key in ("name", "version"):
+        need(isinstance(m.get(key), str) and 0 < len(m[key]) <= 200, f"{key}: expected a non-empty string")
+    if isinstance(m.get("version"), str):
+        need(bool(_SEMVER.match(m["version"])), f"version {m['version']!r}: not a semantic version")
+    for key in ("embedding_dimension", "max_seq_length"):
+        need(_int_in(m.get(key), 1, 1 << 20), f"{key}: expected an integer in 1..{1 << 20}, got {m.get(key)!r}")
+    files = m.get("files")
+    if need(isinstance(files, dict), f"files: expected an object of path -> {{sha256, size}}, "
+                                     f"got {type(files).__name__}"):
+        need(len(files) <= MAX_FILES, f"files: {len(files)} entries; at most {MAX_FILES}")
+        total = 0
+        for rel, entry in list(files.items())[:MAX_FILES]:
+            if not need(isinstance(entry, dict), f"files[{rel!r}]: expected an object, got {type(entry).__name__}"):
+                continue
+            need(isinstance(entry.get("sha256"), str) and bool(_SHA256.match(entry["sha256"])),
+                 f"files[{rel!r}].sha256: expected 64 lowercase hex digits")
+            if need(_int_in(entry.get("size"), 0, MAX_BUNDLE_BYTES),
+                    f"files[{rel!r}].size: expected an integer in 0..{MAX_BUNDLE_BYTES}, got {entry.get('size')!r}"):
+                total += entry["size"]
+        need(total <= MAX_BUNDLE_BYTES, f"files: {total} bytes in all; at most {MAX_BUNDLE_BYTES}")
+    variants = m.get("variants")
+    if need(isinstance(variants, dict) and bool(variants),
+            f"variants: expected a non-empty object of name -> variant, got {type(variants).__name__}"):
+        for name, v in variants.items():
+            if not need(isinstance(v, dict), f"variants[{name!r}]: expected an object, got {type(v).__name__}"):
+                continue
+            need(isinstance(v.get("file"), str) and isinstance(files, dict) and v["file"] in files,
+                 f"variants[{name!r}].file: {v.get('file')!r} is not a file listed in the manifest")
+            need(v.get("backend") in BACKENDS, f"variants[{name!r}].backend: {v.get('backend')!r}; known: "
+                                               f"{', '.join(BACKENDS)}")
+            need(v.get("precision") in PRECISIONS, f"variants[{name!r}].precision: {v.get('precision')!r}; known: "
+                                                   f"{', '.join(PRECISIONS)}")
+            devices = v.get("devices", ["cpu"])
+            need(isinstance(devices, list) and bool(devices) and all(d in DEVICES for d in devices),
+                 f"variants[{name!r}].devices: {devices!r}; expected a list of {', '.join(DEVICES)}")
+            need(isinstance(v.get("fused", False), bool), f"variants[{name!r}].fused: expected true or false")
+    runtime = m.get("runtime", {})
+    if need(isinstance(runtime, dict), f"runtime: expected an object, got {type(runtime).__name__}"):
+        threads = runtime.get("cpu_threads")
+        need(threads is None or _int_in(threads, 0, MAX_THREADS),
+             f"runtime.cpu_threads: {threads!r}; expected 0 (one per core) to {MAX_THREADS}")
+        tokens = runtime.get("cpu_max_batch_tokens")
+        need(tokens is None or _int_in(tokens, 1, MAX_BATCH_TOKENS),
+             f"runtime.cpu_max_batch_tokens: {tokens!r}; expected null or 1..{MAX_BATCH_TOKENS}")
+        buckets = runtime.get("cuda_graph_buckets")
+        need(buckets is None or (isinstance(buckets, list) and len(buckets) <= 256 and all(
+            isinstance(b, list) and len(b) == 2 and all(_int_in(x, 1, MAX_BUCKET_SIDE) for x in b) for b in buckets)),
+             f"runtime.cuda_graph_buckets: expected at most 256 [batch, length] pairs of integers in "
+             f"1..{MAX_BUCKET_SIDE}")
+    return problems
+
+
+def cpu_count() -> int:
+    """Cores this process may use (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads, what: str = "threads") -> int:
+    """An explicit thread count: an integer in 1..cpu_count(), else ValueError naming it."""
+    limit = cpu_count()
+    if not _int_in(threads, 1, limit):
+        raise ValueError(f"{what} {threads!r}: expected an integer in 1..{limit} (the cores this process may use)")
+    return threads
 
 
 def inside(root: Path, rel: str) -> bool:
@@ -90,7 +216,7 @@ def check_integrity(root: Path, manifest: dict, required: list[str] = ()) -> Non
     required: paths the caller will read (variant files, head, tokenizer); each must be listed."""
     root = Path(root)
     problems = []
-    listed = manifest.get("files", {})
+    listed = manifest["files"]
     problems += [f"{rel}: read by the runtime but not listed in the manifest" for rel in required if rel not in listed]
     for rel, want in listed.items():
         path = root / rel
@@ -109,4 +235,4 @@ def check_integrity(root: Path, manifest: dict, required: list[str] = ()) -> Non
         elif p.is_file() and rel != MANIFEST_FILE and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest")
     if problems:
-        raise IntegrityError(f"bundle {root} failed its integrity check:\n  " + "\n  ".join(sorted(problems)))
+        raise IntegrityError(f"bundle {root} failed its integrity check: {summarize(sorted(problems))}")

@@ -147,6 +147,7 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
 
     from sbert_bundle import Bundle
     from sbert_bundle.bundle import rank_variants
+    from sbert_bundle.manifest import MANIFEST_FILE, sha256_file
 
     sentences = load_corpus(corpus)
     bs = cfg["batch_size"]
@@ -163,7 +164,7 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
         raise StageError(f"verify.variants names {unknown}, not in the bundle; it has {sorted(probe.manifest['variants'])}")
 
     log.info("reference: SentenceTransformer(%s) on %d sentences", reference, len(sentences))
-    st = SentenceTransformer(str(reference), device="cpu")  # parity: always the exact fp32 CPU result
+    st = SentenceTransformer(str(reference), device="cpu", trust_remote_code=False)  # parity: always the exact fp32 CPU result
     ref = st.encode(sentences, batch_size=bs, convert_to_numpy=True)
     speed = cfg["speed"]
     vocab = st.tokenizer.vocab_size
@@ -171,7 +172,8 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
 
     def pytorch_on(device: str) -> dict:
         if device not in torch_speed:
-            model = st if device == "cpu" else SentenceTransformer(str(reference), device=device)
+            model = st if device == "cpu" else SentenceTransformer(str(reference), device=device,
+                                                                           trust_remote_code=False)
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             tput = throughput(lambda s: model.encode(s, batch_size=bs, convert_to_numpy=True), sentences,
                               speed["throughput_rounds"])
@@ -189,7 +191,8 @@ def run(cfg: dict, bundle_path: Path, reference: Path, corpus: Path) -> dict:
         return torch_speed[device]
 
     cpu_ref = pytorch_on("cpu")
-    report = {"bundle": {k: probe.manifest.get(k) for k in ("name", "version", "created", "params_sha256")},
+    report = {"bundle": {**{k: probe.manifest.get(k) for k in ("name", "version", "created", "params_sha256")},
+                         "manifest_sha256": sha256_file(probe.root / MANIFEST_FILE)},
               "corpus": {"path": str(corpus), "sentences": len(sentences)},
               "reference": {"kind": "sentence-transformers", "path": str(reference), "parity_device": "cpu",
                             "sentences_per_s": cpu_ref["sentences_per_s"]},

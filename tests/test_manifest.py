@@ -21,7 +21,7 @@ def make_tree(root, files: dict[str, bytes]):
 
 
 def fields(version="1.2.3", variants=None) -> dict:
-    return {"name": "tiny", "version": version,
+    return {"name": "tiny", "version": version, "embedding_dimension": 8, "max_seq_length": 16,
             "variants": variants if variants is not None else
             {"fp32": {"file": "onnx/model.onnx", "backend": "onnxruntime", "precision": "fp32"}}}
 

@@ -332,27 +332,38 @@ def test_release_report_overrides_the_default_preference(tiny_bundle, verify_rep
 
 
 @cpu_only
-def test_release_skips_a_variant_that_did_not_pass(tiny_bundle, verify_report, tmp_path):
+def test_release_result_counts_only_on_the_device_it_was_measured_on(tiny_bundle, verify_report, tmp_path):
     def edit(variants):
-        variants["fp32-fused"].update(passed=False, sentences_per_s=1e9)
+        variants["fp32-fused"].update(device="cuda", sentences_per_s=1e9)  # measured elsewhere: says nothing here
         variants["fp32"]["sentences_per_s"] = 1.0
 
     b = Bundle.load(release(tiny_bundle, doctored(verify_report, tmp_path, edit), tmp_path / "rel"))
     assert b.variant == "fp32"
     row = next(v for v in b.describe()["variants"] if v["name"] == "fp32-fused")
-    assert row["runs_here"] is False and row["why_not"] == "did not pass its verify gates"
+    assert row["runs_here"] is False and row["why_not"] == "verify measured it on cuda, not on cpu"
     # asking for it by name still works: the report guides the default, it does not forbid
     assert Bundle.load(release(tiny_bundle, doctored(verify_report, tmp_path, edit), tmp_path / "rel2"),
                        variant="fp32-fused").variant == "fp32-fused"
+
+
+@cpu_only
+def test_lossy_variants_are_never_the_default_however_fast(tiny_bundle, verify_report, tmp_path):
+    def edit(variants):
+        variants["fp16"]["sentences_per_s"] = 1e12
+
+    b = Bundle.load(release(tiny_bundle, doctored(verify_report, tmp_path, edit), tmp_path / "rel"))
+    assert b.variant in ("fp32", "fp32-fused")
+    row = next(v for v in b.describe()["variants"] if v["name"] == "fp16")
+    assert row["runs_here"] is False and "used only when named" in row["why_not"]
 
 
 def test_release_refuses_a_report_for_another_bundle(tiny_bundle, verify_report, tmp_path):
     from stages.common import StageError
 
     data = json.loads(verify_report.read_text())
-    data["bundle"]["created"] = "1999-01-01T00:00:00+00:00"
+    data["bundle"]["manifest_sha256"] = "0" * 64
     (tmp_path / "report.json").write_text(json.dumps(data))
-    with pytest.raises(StageError, match="run verify again"):
+    with pytest.raises(StageError, match="made for another bundle.*run verify again"):
         release(tiny_bundle, tmp_path / "report.json", tmp_path / "rel")
 
 
@@ -461,7 +472,7 @@ def test_variant_file_outside_the_bundle_is_refused(tiny_bundle, tmp_path):
     manifest = json.loads((root / MANIFEST_FILE).read_text())
     manifest["variants"]["fp32"]["file"] = "../outside.onnx"
     (root / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(IntegrityError, match=r"\.\./outside\.onnx: read by the runtime but not listed"):
+    with pytest.raises(IntegrityError, match=r"\.\./outside\.onnx. is not a file listed in the manifest"):
         Bundle.load(root, variant="fp32")
 
 
