@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -101,40 +102,100 @@ def read_json(path: Path, what: str = "file") -> dict:
         raise StageError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def _lock(target: Path) -> int:
+    """An exclusive lock on target (a `.<name>.lock` file beside it), released when the process ends."""
+    path = target.parent / f".{target.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StageError(f"{target} is being written by another run of this stage (lock {path}); "
+                         "wait for it to finish") from None
+    return fd
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Temporaries of target left by a run that was killed (call only while holding target's lock)."""
+    stale = sorted([*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")])
+    for path in stale:
+        log.info("removing %s, left by a run that did not finish", path)
+        _remove(path)
+    return stale
+
+
+def swap_in(targets: list[Path], temps: list[Path]) -> None:
+    """Old outputs aside, every new one in, then the old ones removed.
+
+    A kill at any point leaves each target either absent or complete and new: never an old
+    one half-deleted, never old and new outputs of one stage side by side. What was set
+    aside is removed by the next run (`remove_stale`); an absent output makes DVC re-run."""
+    aside = []
+    for target in targets:
+        if target.exists() or target.is_symlink():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+            os.replace(target, old)
+            aside.append(old)
+    for target, tmp in zip(targets, temps):
+        os.replace(tmp, target)
+    for old in aside:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_outputs(folders: list[Path] = (), files: list[Path] = ()) -> Iterator[list[Path]]:
+    """Yield one temporary path per output (empty folders, then files), beside each output.
+
+    Each output is locked for the whole block, so a second run of the same stage stops at
+    once with a StageError instead of racing; temporaries of killed runs are removed first.
+    On success every output is replaced together (`swap_in`); on failure the temporaries go."""
+    folders, files = [Path(f) for f in folders], [Path(f) for f in files]
+    targets = folders + files
+    fds, temps = [], []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fds.append(_lock(target))
+            remove_stale(target)
+        for target in folders:
+            temps.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)))
+            temps[-1].chmod(0o755)  # mkdtemp makes 0700
+        for target in files:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+            os.close(fd)
+            temps.append(Path(name))
+            temps[-1].chmod(0o644)  # mkstemp makes 0600
+        try:
+            yield list(temps)
+        except BaseException:
+            for tmp in temps:
+                _remove(tmp)
+            raise
+        swap_in(targets, temps)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside target; it replaces target only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700
-    try:
+    with atomic_outputs(folders=[target]) as (tmp,):
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    os.replace(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside target; it replaces target only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.chmod(0o644)  # mkstemp makes 0600
-    try:
+    with atomic_outputs(files=[target]) as (tmp,):
         yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
 
 
 def progress_enabled() -> bool:
@@ -161,10 +222,10 @@ def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:
         os.environ["SBERT_BUNDLE_QUIET"] = "1"
-    from sbert_bundle import HeadError, IntegrityError, VariantError
+    from sbert_bundle import BackendError, HeadError, IntegrityError, NonFiniteError, VariantError
 
     try:
         body(args)
-    except (StageError, IntegrityError, VariantError, HeadError) as e:
+    except (StageError, IntegrityError, VariantError, HeadError, BackendError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
