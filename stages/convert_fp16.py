@@ -91,7 +91,7 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
 
     from sbert_bundle.head import load_head
 
-    tokenizer = AutoTokenizer.from_pretrained(split_dir / "transformer")
+    tokenizer = AutoTokenizer.from_pretrained(split_dir / "transformer", trust_remote_code=False)
     head = load_head(split_dir / "modules")
     batches = validation_batches(tokenizer, head.max_seq_length, {"batch_sizes": [3], "lengths": [4, 40, 400]})
     report = {}

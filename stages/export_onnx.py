@@ -73,8 +73,9 @@ def export(model_dir: Path, out_path: Path, opset: int):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager",
+                                      trust_remote_code=False).eval()
     accepted = inspect.signature(model.forward).parameters
     input_names = [n for n in tokenizer.model_input_names if n in accepted]
     if "input_ids" not in input_names:

@@ -77,6 +77,35 @@ def read_modules(model_dir: Path) -> list[dict]:
     return out
 
 
+# Files whose "auto_map" would make transformers import Python code shipped in the model folder.
+CODE_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A model folder is input from a stranger: no file in it may ask transformers to run its code."""
+    for name in CODE_MAP_FILES:
+        path = folder / name
+        if path.is_file():
+            cfg = read_json(path, name)
+            if isinstance(cfg, dict) and cfg.get("auto_map"):
+                raise StageError(f"{path} has an auto_map ({', '.join(map(str, cfg['auto_map']))}): it asks to run "
+                                 "Python code from the model folder, which sbert-bundle never does")
+
+
+def load_pickled_weights(path: Path) -> dict:
+    """pytorch_model.bin as plain tensors only (torch's weights_only unpickler: no code runs)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(f"{path} is a pickle checkpoint that does not load as plain tensors ({first}); "
+                         "give the model as model.safetensors") from None
+
+
 def split_transformer(folder: Path, dest: Path) -> dict:
     """Copy the Transformer module, normalise its tokenizer, return tokenization settings."""
     from transformers import AutoConfig, AutoTokenizer
@@ -87,16 +116,19 @@ def split_transformer(folder: Path, dest: Path) -> dict:
         raise StageError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
     if not any((folder / t).is_file() for t in TOKENIZER_FILES):
         raise StageError(f"tokenizer files missing in {folder}: expected one of {', '.join(TOKENIZER_FILES)}")
+    refuse_remote_code(folder)
+    if not (folder / "model.safetensors").is_file() and (folder / "pytorch_model.bin").is_file():
+        load_pickled_weights(folder / "pytorch_model.bin")  # refuse here, in one line, what export would choke on
     dest.mkdir(parents=True)
     for f in folder.iterdir():
         if f.is_file() and f.name != "modules.json":
             shutil.copy2(f, dest / f.name)
     try:
-        config = AutoConfig.from_pretrained(dest)
+        config = AutoConfig.from_pretrained(dest, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise StageError(f"{folder / 'config.json'} cannot be read by transformers: {e}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(dest)
+        tokenizer = AutoTokenizer.from_pretrained(dest, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise StageError(f"tokenizer files missing or unreadable in {folder} (expected tokenizer.json, or "
                          f"tokenizer_config.json with vocab.txt / sentencepiece files): {e}") from None
@@ -152,9 +184,7 @@ def dense_from(folder: Path, index: int, dest: Path) -> Dense:
 
         state = load_file(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").is_file():
-        import torch
-
-        state = {k: v.numpy() for k, v in torch.load(folder / "pytorch_model.bin", weights_only=True).items()}
+        state = {k: v.numpy() for k, v in load_pickled_weights(folder / "pytorch_model.bin").items()}
     else:
         raise StageError(f"no weights in Dense folder {folder}: expected model.safetensors or pytorch_model.bin")
     if "linear.weight" not in state:
