@@ -33,7 +33,7 @@ from pathlib import Path
 from sbert_bundle.head import load_head
 from sbert_bundle.manifest import write_manifest
 
-from .common import (ARTIFACTS, REPO, StageError, atomic_dir, atomic_file, load_params, params_digest, read_json,
+from .common import (ARTIFACTS, REPO, StageError, atomic_outputs, load_params, params_digest, read_json,
                      stage_main)
 from .split import WEIGHT_FILES
 
@@ -238,10 +238,10 @@ def archive(bundle: Path, dest: Path, level: int, extra: dict[str, Path] | None 
 def main() -> None:
     def body(args):
         params = load_params(args.params)
-        with atomic_dir(OUT) as tmp:
+        # bundle/ and bundle.tar.gz are replaced together: never one from this run beside one from another
+        with atomic_outputs(folders=[OUT], files=[ARCHIVE]) as (tmp, tmp_archive):
             manifest = run(params, ARTIFACTS, tmp)
-            with atomic_file(ARCHIVE) as tmp_archive:
-                archive(tmp, tmp_archive, params["package"]["compresslevel"])
+            archive(tmp, tmp_archive, params["package"]["compresslevel"])
         log.info("bundle %s %s: variants %s, %d files", manifest["name"], manifest["version"],
                  sorted(manifest["variants"]), len(manifest["files"]))
 
