@@ -11,5 +11,7 @@ from .backends import BackendError
 from .bundle import Bundle, NonFiniteError, VariantError
 from .head import HeadError
 from .manifest import IntegrityError
+from .tokenization import TokenizerError
 
-__all__ = ["Bundle", "VariantError", "IntegrityError", "HeadError", "BackendError", "NonFiniteError"]
+__all__ = ["Bundle", "VariantError", "IntegrityError", "HeadError", "BackendError", "NonFiniteError",
+           "TokenizerError"]

@@ -88,15 +88,14 @@ class Bundle:
     """A loaded bundle variant. `encode` is safe to call from several threads at once."""
 
     def __init__(self, root: Path, manifest: dict, variant: str, device: str, threads: int | None = None,
-                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False):
+                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False, _text=None):
         self.root = Path(root)
         self.manifest = manifest
         self.variant = variant
         self.device = device
         self.report = report
         self._tmp = _tmp  # keeps an extracted archive alive as long as the bundle
-        self.head = load_head(self.root)
-        self.tokenizer = TextTokenizer(self.root / TOKENIZER_FILE, self.head)
+        self.head, self.tokenizer = _text or load_text_side(self.root)
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
         if threads is not None:
             threads = check_threads(threads)
@@ -153,6 +152,7 @@ class Bundle:
         report = None
         if tmp is not None and root != Path(tmp.name):  # a release: bundle/ beside verify.json and release.json
             report = read_sealed_report(root.parent, root)
+        text = load_text_side(root)  # a broken head or tokenizer is the bundle's fault, not a variant's
         ranked = rank_variants(manifest, report)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
         if variant is None:  # the best that opens: a plan or GPU graph may still fail to load here
@@ -160,7 +160,7 @@ class Bundle:
             for name, device in runnable:
                 try:
                     log.info("bundle %s: using variant %s on %s", root, name, device)
-                    return cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True)
+                    return cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text)
                 except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
                     log.warning("variant %s on %s failed to open (%s); trying the next one", name, device, e)
                     failed.append((name, None, f"failed to open: {e}"))
@@ -172,7 +172,7 @@ class Bundle:
         if device is None:
             raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
-        return cls(root, manifest, variant, device, threads, report, tmp)
+        return cls(root, manifest, variant, device, threads, report, tmp, _text=text)
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 32,
                max_batch_tokens: int | None = -1) -> np.ndarray:
@@ -242,6 +242,12 @@ def _gpu_note(variant: dict, device: str | None) -> str | None:
     return f"not on GPU: {why}"
 
 
+def load_text_side(root: Path) -> tuple:
+    """(head, tokenizer) of a bundle: what every variant shares."""
+    head = load_head(root)
+    return head, TextTokenizer(Path(root) / TOKENIZER_FILE, head)
+
+
 def plan_batches(lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
     """Indices grouped longest first; each group within batch_size items and max_tokens padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -259,10 +265,12 @@ def runtime_files(root: Path, manifest: dict) -> list[str]:
     """Every file the runtime reads: variant graphs/plans, head.json and what it points at, tokenizer."""
     files = [HEAD_FILE, TOKENIZER_FILE] + [v["file"] for v in manifest.get("variants", {}).values()]
     try:
-        spec = json.loads((Path(root) / HEAD_FILE).read_text())
-        files += [m[k] for m in spec.get("modules", []) for k in ("weight", "bias") if m.get(k)]
-    except (OSError, json.JSONDecodeError):
-        pass  # reported as missing / modified by the integrity check
+        spec = json.loads((Path(root) / HEAD_FILE).read_bytes())
+    except (OSError, ValueError):
+        return files  # reported as missing / modified by the integrity check, or by load_head
+    modules = spec.get("modules") if isinstance(spec, dict) else None
+    for m in modules if isinstance(modules, list) else []:
+        files += [m[k] for k in ("weight", "bias") if isinstance(m, dict) and isinstance(m.get(k), str)]
     return files
 
 

@@ -183,30 +183,51 @@ class Head:
 
 
 def load_head(folder: str | Path) -> Head:
+    """head.json and the arrays it names; HeadError names the file and what is wrong with it."""
     folder = Path(folder)
     path = folder / HEAD_FILE
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise HeadError(f"{path} not found: not a bundle or split folder") from None
-    except json.JSONDecodeError as e:
-        raise HeadError(f"{path} is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeadError(f"{path} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise HeadError(f"{path} holds a JSON {type(spec).__name__}, expected an object")
     if spec.get("schema") != HEAD_SCHEMA:
         raise HeadError(f"{path} has schema {spec.get('schema')!r}; this runtime reads schema {HEAD_SCHEMA}")
+    ints = {k: spec.get(k) for k in ("max_seq_length", "hidden_size", "pad_token_id")}
+    bad = [f"{k}={v!r}" for k, v in ints.items()
+           if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= (1 << 24)]
+    if bad or not isinstance(spec.get("modules"), list):
+        raise HeadError(f"{path}: " + (f"expected integers in 0..{1 << 24}: {', '.join(bad)}" if bad
+                                       else "modules: expected a list"))
+    try:
+        return _build_head(folder, path, spec)
+    except HeadError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, OSError) as e:
+        raise HeadError(f"{path} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _build_head(folder: Path, path: Path, spec: dict) -> Head:
     modules = []
     for i, m in enumerate(spec["modules"]):
         kind = m.get("type")
         if kind == "Pooling":
             modules.append(Pooling(m["embedding_dimension"], tuple(m["modes"]), m.get("include_prompt", True)))
         elif kind == "Dense":
-            weight = np.load(folder / m["weight"]).astype(np.float32)
-            bias = np.load(folder / m["bias"]).astype(np.float32) if m.get("bias") else None
+            weight = np.load(folder / m["weight"], allow_pickle=False).astype(np.float32)
+            bias = np.load(folder / m["bias"], allow_pickle=False).astype(np.float32) if m.get("bias") else None
             modules.append(Dense(m["in_features"], m["out_features"], m["activation"], weight, bias,
                                  m["weight"], m.get("bias")))
         elif kind == "Normalize":
             modules.append(Normalize())
         else:
             raise HeadError(f"{path} module {i} has type {kind!r}; supported: Pooling, Dense, Normalize")
+    if spec.get("padding_side", "right") not in ("left", "right") or \
+            spec.get("truncation_side", "right") not in ("left", "right"):
+        raise HeadError(f"{path}: padding_side and truncation_side must be 'left' or 'right'")
     return Head(spec["max_seq_length"], spec["do_lower_case"], spec["hidden_size"], spec["pad_token"],
                 spec["pad_token_id"], spec.get("padding_side", "right"), spec.get("truncation_side", "right"),
                 tuple(modules))

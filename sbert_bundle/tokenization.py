@@ -18,9 +18,17 @@ from .head import Head
 TOKENIZER_FILE = "tokenizer.json"
 
 
+class TokenizerError(ValueError):
+    """tokenizer.json cannot be loaded by the tokenizers library; names the file."""
+
+
 class TextTokenizer:
     def __init__(self, tokenizer_json: Path, head: Head):
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"{tokenizer_json} cannot be loaded by tokenizers ({first[:300]})") from None
         if head.do_lower_case:
             current = self.tokenizer.normalizer
             steps = [normalizers.Lowercase()] + ([current] if current is not None else [])

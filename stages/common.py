@@ -222,10 +222,10 @@ def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:
         os.environ["SBERT_BUNDLE_QUIET"] = "1"
-    from sbert_bundle import BackendError, HeadError, IntegrityError, NonFiniteError, VariantError
+    from sbert_bundle import BackendError, HeadError, IntegrityError, NonFiniteError, TokenizerError, VariantError
 
     try:
         body(args)
-    except (StageError, IntegrityError, VariantError, HeadError, BackendError, NonFiniteError) as e:
+    except (StageError, IntegrityError, VariantError, HeadError, BackendError, NonFiniteError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

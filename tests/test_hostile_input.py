@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -611,3 +612,26 @@ def test_pickle_only_checkpoint_that_is_not_plain_tensors_is_one_line(tiny_model
             split.run(model, out)
     assert one_line(str(e.value))
     assert not (tmp_path / "split").exists()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("head.json", "[1]", "head.json holds a JSON list, expected an object"),
+    ("head.json", '{"schema": 1, "modules": "x", "max_seq_length": 8, "hidden_size": 4, "pad_token_id": 0}',
+     "modules: expected a list"),
+    ("head.json", '{"schema": 1, "modules": [], "max_seq_length": "8", "hidden_size": 4, "pad_token_id": 0}',
+     "expected integers in"),
+    ("head.json", '{"schema": 1, "modules": [{"type": "Pooling"}], "max_seq_length": 8, "hidden_size": 4, '
+                  '"pad_token_id": 0}', r"head.json is malformed \(KeyError"),
+    ("tokenizer.json", '{"model": 5}', "tokenizer.json cannot be loaded by tokenizers"),
+], ids=["head-list", "head-modules", "head-int", "head-pooling", "tokenizer"])
+def test_malformed_head_or_tokenizer_with_matching_hashes_is_one_line(tiny_bundle, tmp_path, capsys, name, text,
+                                                                     message):
+    """Hashes prove the bytes are the packager's, not that they are well formed."""
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    (root / name).write_text(text)
+    write_manifest(root, {k: v for k, v in manifest.items() if k not in ("files", "schema_version")})
+    assert main(["inspect", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and re.search(message, err), err
