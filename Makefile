@@ -52,10 +52,11 @@ compat: .venv-st5/.installed-stamp
 	.venv-st5/bin/python -m pip install -q 'sentence-transformers[onnx]>=5,<6'
 	touch $@
 
-# Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock.
+# Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock
+# (and with a published archive: ARCHIVE=path/to/name-version.tar.gz).
 REV ?= HEAD
 rebuild-check: $(STAMP)
-	$(BIN)/python -m stages.rebuild_check $(REV)
+	$(BIN)/python -m stages.rebuild_check $(REV) $(if $(ARCHIVE),--archive $(ARCHIVE))
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -q --benchmark-autosave
