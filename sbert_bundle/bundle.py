@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from .archive import REPORT_FILE, SEAL_FILE, extract_bundle
+
+PUBLISHED_FILE = "published.json"
 from .backends import open_backend, pick_device
 from .head import HEAD_FILE, load_head
 from .manifest import (MANIFEST_FILE, IntegrityError, check_integrity, check_threads, cpu_count, read_manifest,
@@ -95,6 +97,7 @@ class Bundle:
         self.device = device
         self.report = report
         self._tmp = _tmp  # keeps an extracted archive alive as long as the bundle
+        self.release = None  # the folder holding verify.json / release.json, for a release
         self.head, self.tokenizer = _text or load_text_side(self.root)
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
         if threads is not None:
@@ -130,28 +133,31 @@ class Bundle:
         path = Path(path)
         if threads is not None:
             check_threads(threads)
-        tmp = None
+        tmp = release = None
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
             root, tmp = extract_bundle(path)
+            if root != Path(tmp.name):  # a release archive: bundle/ beside verify.json and release.json
+                release = root.parent
         elif path.is_dir():
             root = path
+            if is_release_folder(path):  # a release unpacked by `sbert-bundle pull`
+                root, release = path / "bundle", path
         else:
             raise FileNotFoundError(f"{path}: no such bundle folder or archive")
         try:
-            return cls._open(root, variant, threads, verify_integrity, tmp)
+            return cls._open(root, variant, threads, verify_integrity, tmp, release)
         except BaseException:
             if tmp is not None:
                 tmp.cleanup()
             raise
 
     @classmethod
-    def _open(cls, root: Path, variant: str | None, threads: int | None, verify_integrity: bool, tmp) -> "Bundle":
+    def _open(cls, root: Path, variant: str | None, threads: int | None, verify_integrity: bool, tmp,
+              release: Path | None) -> "Bundle":
         manifest = read_manifest(root)
         if verify_integrity:
             check_integrity(root, manifest, required=runtime_files(root, manifest))
-        report = None
-        if tmp is not None and root != Path(tmp.name):  # a release: bundle/ beside verify.json and release.json
-            report = read_sealed_report(root.parent, root)
+        report = read_sealed_report(release, root) if release is not None else None
         text = load_text_side(root)  # a broken head or tokenizer is the bundle's fault, not a variant's
         ranked = rank_variants(manifest, report)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
@@ -160,7 +166,9 @@ class Bundle:
             for name, device in runnable:
                 try:
                     log.info("bundle %s: using variant %s on %s", root, name, device)
-                    return cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text)
+                    bundle = cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text)
+                    bundle.release = release
+                    return bundle
                 except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
                     log.warning("variant %s on %s failed to open (%s); trying the next one", name, device, e)
                     failed.append((name, None, f"failed to open: {e}"))
@@ -172,7 +180,9 @@ class Bundle:
         if device is None:
             raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
-        return cls(root, manifest, variant, device, threads, report, tmp, _text=text)
+        bundle = cls(root, manifest, variant, device, threads, report, tmp, _text=text)
+        bundle.release = release
+        return bundle
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 32,
                max_batch_tokens: int | None = -1) -> np.ndarray:
@@ -229,7 +239,27 @@ class Bundle:
             ],
             "tensorrt_build": self.manifest.get("tensorrt_build"),
             "verify": self.report,
+            "published": _published(self.release),
         }
+
+
+def is_release_folder(path: Path) -> bool:
+    """bundle/ beside a sealed report, as `sbert-bundle pull` writes it (a bundle folder is not one)."""
+    return not (path / MANIFEST_FILE).is_file() and (path / "bundle" / MANIFEST_FILE).is_file() \
+        and any((path / name).is_file() for name in (REPORT_FILE, SEAL_FILE))
+
+
+def _published(release: Path | None) -> dict | None:
+    """What `sbert-bundle pull` recorded of the published version (from its tag: name, version,
+    archive sha256, changelog). Informational: the archive was checked against it when pulled."""
+    path = release / PUBLISHED_FILE if release is not None else None
+    if path is None or not path.is_file() or path.stat().st_size > 1 << 20:
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _gpu_note(variant: dict, device: str | None) -> str | None:

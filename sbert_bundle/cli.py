@@ -73,7 +73,8 @@ def _inspect(args) -> None:
     if args.json:
         print(json.dumps(info, indent=2, allow_nan=False))
         return
-    print(f"{info['name']} {info['version']}  (created {info['created']})")
+    created = f"  (created {info['created']})" if info.get("created") else ""
+    print(f"{info['name']} {info['version']}{created}")
     src = info["source"]
     print(f"source: {src['kind']} {src['id']} @ {src['revision']}")
     print(f"embedding dimension {info['embedding_dimension']}, max_seq_length {info['max_seq_length']}")
@@ -87,11 +88,63 @@ def _inspect(args) -> None:
     trt = info.get("tensorrt_build") or {}
     if trt.get("skipped"):
         print(f"TensorRT plans: none, build_trt skipped: {trt.get('reason')}")
+    published = info.get("published")
+    if published:
+        print(f"published: {published.get('name')}@{published.get('version')} (archive sha256 "
+              f"{published.get('archive_sha256')}, commit {str(published.get('commit'))[:12]})")
+        for line in changelog_lines(published.get("changelog")):
+            print("  " + line)
     if info["verify"]:
         print("verify report (sealed release):")
         for name, m in info["verify"].get("variants", {}).items():
-            print(f"  {name:<14} min cos {m['min_cosine']:.6f}  {m['sentences_per_s']:.0f} sent/s "
-                  f"({m['speedup']:.2f}x PyTorch)  {'passed' if m['passed'] else 'FAILED'}")
+            speedup = f"({m['speedup']:.2f}x PyTorch)" if isinstance(m.get("speedup"), (int, float)) else ""
+            print(f"  {name:<14} on {m['device']}: min cos {m['min_cosine']:.6f}  {m['sentences_per_s']:.0f} "
+                  f"sent/s {speedup}  {'passed' if m['passed'] is True else 'FAILED'}")
+
+
+def changelog_lines(changelog: dict | None) -> list[str]:
+    """The comparison with the previous published version, as `stages.publish` recorded it."""
+    if not changelog:
+        return []
+    previous = changelog.get("previous")
+    if not previous:
+        return ["changelog: first published version"]
+    lines = [f"changelog against {previous}: {changelog.get('verdict', '')}"]
+    for name, v in (changelog.get("variants") or {}).items():
+        lines.append(f"  {name:<14} min cos {v.get('min_cosine', float('nan')):.6f}  mean cos "
+                     f"{v.get('mean_cosine', float('nan')):.6f}  speed x{v.get('speed_ratio', float('nan')):.2f}")
+    for key in ("params_sha256", "tools"):
+        change = changelog.get(key) or {}
+        if change.get("before") != change.get("after"):
+            lines.append(f"  {key} changed")
+    return lines
+
+
+def _pull(args) -> None:
+    from .registry import pull
+
+    published, out = pull(args.repo, args.ref, Path(args.output or args.ref.replace("@", "-").replace("#", "-")))
+    bundle = Bundle.load(out)
+    print(f"pulled {published.name} {published.version} into {out}")
+    print(f"archive sha256 {published.sha256} (checked against the version tag); every file checked against "
+          "manifest.json")
+    print(f"runs here: variant {bundle.variant} on {bundle.device}")
+    for line in changelog_lines(published.changelog):
+        print(line)
+
+
+def _list(args) -> None:
+    from .registry import list_registry
+
+    registry = list_registry(args.repo)
+    if args.json:
+        print(json.dumps(registry, indent=2))
+        return
+    if not registry:
+        print(f"{args.repo}: no published versions")
+    for name, entry in registry.items():
+        stages = ", ".join(f"{s} -> {v}" for s, v in sorted(entry["stages"].items())) or "none"
+        print(f"{name}  latest {entry['latest']}  versions {', '.join(entry['versions'])}  stages {stages}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,12 +167,28 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=_inspect)
 
+    pul = sub.add_parser("pull", help="download a published version from a registry, check it and unpack it",
+                         description="Download NAME@VERSION (or NAME#STAGE, or NAME for the latest) from the "
+                                     "registry REPO (a git URL or path: its version tags and DVC remote), check "
+                                     "the archive's sha256 against the tag and every file against manifest.json. "
+                                     "Needs: pip install 'sbert-bundle[registry]'.")
+    pul.add_argument("repo", help="registry repository: git URL or local path")
+    pul.add_argument("ref", help="NAME@vX.Y.Z, NAME#STAGE or NAME (latest)")
+    pul.add_argument("-o", "--output", help="new folder to unpack into (default: NAME-VERSION)")
+    pul.set_defaults(func=_pull)
+
+    lst = sub.add_parser("list", help="published models, their versions and stages",
+                         description="Each model in the registry REPO with its versions (newest first) and stages.")
+    lst.add_argument("repo", help="registry repository: git URL or local path")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=_list)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
     except (IntegrityError, VariantError, HeadError, BackendError, NonFiniteError, OSError, EOFError,
-            tarfile.TarError, ValueError, TypeError, RuntimeError) as e:
+            tarfile.TarError, ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"sbert-bundle: error: {e}", file=sys.stderr)
         return 1
     return 0

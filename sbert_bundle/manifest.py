@@ -4,7 +4,7 @@
 
     schema_version   int, MANIFEST_SCHEMA
     name, version    bundle name and semantic version
-    created          ISO-8601 UTC time of packaging
+    created          ISO-8601 UTC time from SOURCE_DATE_EPOCH, or null (never the clock)
     source           provenance record from `stages.fetch` (kind, id, revision, file sums)
     params_sha256    digest of the params that built the bundle
     tools            versions of the tools that built it
