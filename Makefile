@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 # Where pip (through its config) and `make lock` find the torch CPU wheel.
 FIND_LINKS ?= /opt/wheels
 
-.PHONY: install lock repro test compat bench rebuild-check clean
+.PHONY: install lock repro test publish compat bench rebuild-check clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Publish the sealed release (after `make repro`, on a clean, committed tree): push it to the
+# DVC remote, then tag the version (GTO); STAGE=prod also assigns a stage.
+publish: $(STAMP)
+	$(BIN)/python -m stages.publish $(if $(STAGE),--stage $(STAGE))
 
 # sentence-transformers' own ONNX backend (5.x + optimum) in its own venv, for
 # tests/test_st_onnx_backend.py: the bundle must load there too. Not locked: it only loads

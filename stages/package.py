@@ -176,6 +176,10 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
             shutil.copy2(f, bundle / f.name)
     shutil.copytree(split / "modules", bundle, dirs_exist_ok=True)
     head = load_head(bundle)
+    expected = params["model"].get("embedding_dimension")
+    if expected is not None and expected != head.embedding_dimension:
+        raise StageError(f"model.embedding_dimension is {expected}, but the model's modules give "
+                         f"{head.embedding_dimension}: fix conf/model (the registry advertises this value)")
     variants = copy_variants(params["package"]["variants"], artifacts, bundle)
     source = read_json(artifacts / "source" / "provenance.json", "provenance")
     fields = {

@@ -142,6 +142,7 @@ def build_bundle_stages(source: dict, root: Path, params: dict, *, fp16: bool = 
         wanted.append("int8")
     p = copy.deepcopy(params)
     p["package"]["variants"] = wanted
+    p["model"]["embedding_dimension"] = None  # params.yaml's is the default model's, not this tiny one's
     package.run(p, art, art / "bundle")
     return art / "bundle"
 

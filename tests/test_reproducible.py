@@ -98,6 +98,7 @@ def test_source_date_epoch_changes_only_created_and_member_times(tmp_path, two_b
     art, archive = two_builds[0]
     p = copy.deepcopy(fast_params(params))
     p["package"]["variants"] = ["fp32", "fp32-fused", "fp16", "fp16-fused", "int8"]
+    p["model"]["embedding_dimension"] = None  # a tiny model, not the default one
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     dated = tmp_path / "bundle"
     dated.mkdir()
