@@ -296,3 +296,65 @@ def test_package_refuses_an_embedding_dimension_the_model_does_not_have(tiny_bun
         package.run(p, tiny_bundle.parent, tmp_path)
     p["model"]["embedding_dimension"] = 32
     assert package.run(p, tiny_bundle.parent, tmp_path)["embedding_dimension"] == 32
+
+
+# --- a team remote: S3 (a local S3-compatible server, moto, started by the test) ------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 server on loopback with a bucket; yields (endpoint URL, credentials env)."""
+    pytest.importorskip("dvc_s3", reason="needs dvc-s3 (the test extra: pip install -e '.[test]')")
+    pytest.importorskip("moto.server", reason="needs moto[server] (the test extra: pip install -e '.[test]')")
+    import socket
+    import time
+
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket="registry")
+        yield endpoint, creds
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_publish_to_s3_and_pull_from_it(tmp_path, releases, s3_server, monkeypatch):
+    endpoint, creds = s3_server
+    for key, value in creds.items():
+        monkeypatch.setenv(key, value)
+    ENV.update(creds)
+    producer = Producer(tmp_path / "producer", tmp_path / "unused")
+    (producer.root / ".dvc" / "config").write_text(
+        "[core]\n    analytics = false\n    remote = team\n"
+        f"['remote \"team\"']\n    url = s3://registry/sbert\n    endpointurl = {endpoint}\n")
+    producer.build(releases["a"])
+    digest = producer.publish()["sha256"]
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket="registry")["Contents"]]
+    assert any(k.startswith("sbert/files/md5/") for k in keys)
+    shutil.rmtree(producer.root / ".dvc" / "cache")  # the bytes can only come from S3 now
+    published, out = pull(str(producer.root), "tiny-model@v1.0.0", tmp_path / "pulled")
+    assert published.sha256 == digest
+    assert Bundle.load(out).encode("a cat").shape == (32,)
