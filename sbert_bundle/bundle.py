@@ -64,8 +64,6 @@ def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | 
             return (0, 0.0, name)
         if device == "cuda":
             return (1, GPU_PREFERENCE.index(name) if name in GPU_PREFERENCE else 9, name)
-        if passed is not None:
-            return (2, -passed[name]["sentences_per_s"], name)
         return (3, CPU_PREFERENCE.index(name) if name in CPU_PREFERENCE else 9, name)
 
     ranked = []
@@ -185,8 +183,14 @@ class Bundle:
         return bundle
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 32,
-               max_batch_tokens: int | None = -1) -> np.ndarray:
+               max_batch_tokens: int | None = -1, prompt: str | None = None,
+               prompt_name: str | None = None) -> np.ndarray:
         """Embeddings as float32 (n, dim), in input order; a single string gives (dim,).
+
+        prompt / prompt_name: text prepended to every sentence, as SentenceTransformer.encode does
+        (an explicit prompt wins; with neither, the model's default_prompt_name, if it has one;
+        `bundle.head.prompts` lists the names). A Pooling with include_prompt false leaves the
+        prompt's tokens out of the embedding.
 
         Sentences are tokenized once, sorted by token length and batched so that a batch
         holds at most `batch_size` sentences and at most `max_batch_tokens` padded tokens
@@ -207,11 +211,16 @@ class Bundle:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_batch_tokens == -1:
             max_batch_tokens = self.max_batch_tokens
+        prompt = self.head.resolve_prompt(prompt, prompt_name)
+        prompt_length = 0
+        if prompt:
+            items = [prompt + s for s in items]
+            prompt_length = self.tokenizer.prompt_length(prompt) if self.head.prompts_matter else 0
         out = np.empty((len(items), self.embedding_dimension), dtype=np.float32)
         encodings = self.tokenizer.encode(items)
         for idx in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
             features = self.tokenizer.pad([encodings[i] for i in idx])
-            emb = self.head(self.backend(features), features["attention_mask"])
+            emb = self.head(self.backend(features), features["attention_mask"], prompt_length)
             finite = np.isfinite(emb).all(axis=1)
             if not finite.all():
                 first = min(i for i, ok in zip(idx, finite) if not ok)
@@ -353,7 +362,7 @@ def report_problems(report: dict, manifest_sha: str) -> list[str]:
             problems.append(f"variants[{name!r}].passed: {r.get('passed')!r}; a released report has only passes")
         if not isinstance(r.get("device"), str):
             problems.append(f"variants[{name!r}].device: expected a string")
-        for key in ("sentences_per_s", "min_cosine"):
+        for key in ("min_cosine",):
             value = r.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < -1:
                 problems.append(f"variants[{name!r}].{key}: {value!r} is not a finite number")

@@ -57,7 +57,7 @@ def _encode(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more")
     sentences = read_sentences(args.input)
     bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads)
-    emb = bundle.encode(sentences, batch_size=args.batch_size)
+    emb = bundle.encode(sentences, batch_size=args.batch_size, prompt=args.prompt, prompt_name=args.prompt_name)
     if args.output:
         write_output(args.output, emb)
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
@@ -78,6 +78,8 @@ def _inspect(args) -> None:
     src = info["source"]
     print(f"source: {src['kind']} {src['id']} @ {src['revision']}")
     print(f"embedding dimension {info['embedding_dimension']}, max_seq_length {info['max_seq_length']}")
+    if bundle.head.prompts:
+        print(f"prompts: {', '.join(bundle.head.prompts)} (default: {bundle.head.default_prompt_name})")
     print(f"selected here: {info['selected']['variant']} on {info['selected']['device']}")
     print("variants (best first):")
     for v in info["variants"]:
@@ -97,9 +99,8 @@ def _inspect(args) -> None:
     if info["verify"]:
         print("verify report (sealed release):")
         for name, m in info["verify"].get("variants", {}).items():
-            speedup = f"({m['speedup']:.2f}x PyTorch)" if isinstance(m.get("speedup"), (int, float)) else ""
-            print(f"  {name:<14} on {m['device']}: min cos {m['min_cosine']:.6f}  {m['sentences_per_s']:.0f} "
-                  f"sent/s {speedup}  {'passed' if m['passed'] is True else 'FAILED'}")
+            print(f"  {name:<14} on {m['device']}: min cos {m['min_cosine']:.6f}  "
+                  f"{'passed' if m['passed'] is True else 'FAILED'}")
 
 
 def changelog_lines(changelog: dict | None) -> list[str]:
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--variant", help="variant name from the manifest (default: best that runs here)")
     enc.add_argument("--batch-size", type=int, default=32)
     enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads on CPU (1 to the number of cores)")
+    enc.add_argument("--prompt", help="text prepended to every sentence (wins over --prompt-name)")
+    enc.add_argument("--prompt-name", help="one of the model's prompts (`inspect` lists them; default: the "
+                                           "model's default_prompt_name, if it has one)")
     enc.set_defaults(func=_encode)
 
     ins = sub.add_parser("inspect", help="manifest, variants, which one runs here and why")

@@ -1,10 +1,11 @@
 """Stage `release`: seal the verified bundle with the verify report that cleared it.
 
 Writes artifacts/release/<name>-<version>.tar.gz holding bundle/ (unchanged: what was
-verified), verify.json (the report: which gates each variant passed, measured speed) and
+verified), verify.json (the report: which gates each variant passed, on which device) and
 release.json, the seal: the sha256 of verify.json and of bundle/manifest.json (which covers
 every file of the bundle). `sbert_bundle.Bundle.load` on this archive uses the report only
-when the seal matches, and then picks the fastest exact variant that passed on this device.
+when the seal matches, and then picks the preferred exact variant that passed on this device.
+The report holds no timings, so the same bundle gives the same release archive.
 Runs only after `verify` succeeded (DVC stops at a failed stage).
 """
 

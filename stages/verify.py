@@ -4,10 +4,16 @@ Loads the bundle through sbert_bundle exactly as a consumer would, encodes the e
 corpus with each variant that runs here and with SentenceTransformer.encode (PyTorch),
 and checks the gates in conf/verify/. Parity is against PyTorch fp32 on the CPU; speed
 ("vs torch") against PyTorch on the variant's own device (CPU, or the GPU for CUDA and
-TensorRT variants). Writes (never touching the bundle):
-  artifacts/verify/metrics.json   DVC metrics: parity and speed per variant
-  artifacts/verify/report.json    the same plus gate results, worst sentences, latency buckets
-  artifacts/verify/plots/         DVC plots: latency vs batch size, per-sentence cosine
+TensorRT variants). Writes (never touching the bundle), in two kinds:
+  what repeats bit for bit on the same kind of machine (stage outputs in dvc.lock; release seals
+  report.json, so a rebuild gives the same release archive):
+    artifacts/verify/report.json      gate results per variant: device, parity, worst sentence
+    artifacts/verify/metrics.json     DVC metrics: parity per variant
+    artifacts/verify/plots/cosine/    DVC plots: per-sentence cosine, sorted
+  measurements that differ on every run (DVC metrics and plots declared at the top of dvc.yaml,
+  not stage outputs, so they never make dvc.lock or the release differ):
+    artifacts/verify/speed.json       throughput, speedup and latency buckets per variant
+    artifacts/verify/plots/latency/   DVC plots: latency vs batch size
 Exits 1 naming every failed gate (variant, figure, threshold, worst sentence).
 
 Also usable on any bundle:  python -m stages.verify --bundle PATH --reference MODEL_DIR
@@ -246,17 +252,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Per-variant figures that are measurements of time: they go to speed.json, never to the report.
+SPEED_KEYS = ("sentences_per_s", "speedup", "latency")
+PARITY_KEYS = ("min_cosine", "mean_cosine", "top10_agreement", "spearman")
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(gate report, speed record): the report holds only what repeats on the same machine type."""
+    gates = {k: v for k, v in report.items() if k not in ("pytorch", "_plots")}
+    gates["reference"] = {k: v for k, v in report["reference"].items() if k != "sentences_per_s"}
+    gates["variants"] = {n: {k: v for k, v in m.items() if k not in SPEED_KEYS} for n, m in report["variants"].items()}
+    speed = {"reference_sentences_per_s": report["reference"]["sentences_per_s"], "pytorch": report.get("pytorch"),
+             "variants": {n: {k: m[k] for k in SPEED_KEYS if k in m} for n, m in report["variants"].items()}}
+    return gates, speed
+
+
 def write_outputs(report: dict, out: Path) -> None:
     plots = report.pop("_plots")
+    gates, speed = split_report(report)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"reference_sentences_per_s": report["reference"]["sentences_per_s"],
-               "variants": {n: {k: m[k] for k in ("min_cosine", "mean_cosine", "top10_agreement", "spearman",
-                                                  "sentences_per_s", "speedup", "passed")}
-                            for n, m in report["variants"].items()}}
-    with atomic_file(out / "metrics.json") as tmp:
-        write_json(tmp, metrics)
-    with atomic_file(out / "report.json") as tmp:
-        write_json(tmp, report)
+    metrics = {"variants": {n: {k: m[k] for k in (*PARITY_KEYS, "passed")} for n, m in gates["variants"].items()}}
+    speed_metrics = {"reference_sentences_per_s": speed["reference_sentences_per_s"],
+                     "variants": {n: {k: m[k] for k in ("sentences_per_s", "speedup") if k in m}
+                                  for n, m in speed["variants"].items()}}
+    for name, data in (("metrics.json", metrics), ("report.json", gates), ("speed.json", {**speed_metrics, **speed})):
+        with atomic_file(out / name) as tmp:
+            write_json(tmp, data)
     (out / "plots").mkdir(exist_ok=True)
     with atomic_dir(out / "plots" / "latency") as tmp:
         for name, buckets in plots["latency"]:

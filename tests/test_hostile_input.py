@@ -214,9 +214,7 @@ def test_extraction_folder_is_removed_at_interpreter_exit(tiny_bundle, tmp_path,
 
 def good_report(bundle: Path) -> dict:
     return {"bundle": {"name": "tiny", "manifest_sha256": sha256_file(bundle / MANIFEST_FILE)}, "failures": [],
-            "variants": {"fp32": {"passed": True, "device": "cpu", "sentences_per_s": 1e6, "min_cosine": 1.0},
-                         "fp32-fused": {"passed": True, "device": "cpu", "sentences_per_s": 1.0,
-                                        "min_cosine": 1.0}}}
+            "variants": {"fp32": {"passed": True, "device": "cpu", "min_cosine": 1.0}}}
 
 
 def make_release(bundle: Path, report: dict, out: Path) -> Path:
@@ -243,13 +241,13 @@ def read_member(archive: Path, name: str) -> bytes:
 
 def test_sealed_report_picks_the_variant(tiny_bundle, tmp_path, tmpdir_env):
     archive = make_release(tiny_bundle, good_report(tiny_bundle), tmp_path)
-    assert Bundle.load(archive).variant == "fp32"  # the report's fastest, not the default fp32-fused
+    assert Bundle.load(archive).variant == "fp32"  # the only one the report checked, not the default fp32-fused
 
 
 def test_edited_report_is_refused(tiny_bundle, tmp_path, tmpdir_env):
     archive = make_release(tiny_bundle, good_report(tiny_bundle), tmp_path)
     report = json.loads(read_member(archive, "verify.json"))
-    report["variants"]["fp32-fused"]["sentences_per_s"] = 1e12
+    report["variants"]["fp32-fused"] = {"passed": True, "device": "cpu", "min_cosine": 1.0}
     edited = repack(archive, tmp_path / "edited.tar.gz", verify_json=json.dumps(report).encode())
     with pytest.raises(IntegrityError, match="verify.json in the release archive was changed after release") as e:
         Bundle.load(edited)
@@ -274,10 +272,10 @@ def test_report_of_another_bundle_is_refused(tiny_bundle, tmp_path, tmpdir_env):
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["variants"]["fp32"].update(passed="no"), r"variants\['fp32'\].passed: 'no'"),
     (lambda r: r.update(failures=["fp32: min cosine 0.5 < 0.99999"]), "it lists failed gates"),
-    (lambda r: r["variants"]["fp32"].update(sentences_per_s="fast"), "sentences_per_s: 'fast' is not a finite"),
+    (lambda r: r["variants"]["fp32"].update(min_cosine="1.0"), "min_cosine: '1.0' is not a finite"),
     (lambda r: r["bundle"].update(manifest_sha256="0" * 64), "made for another bundle"),
     (lambda r: r.update(variants=[]), "variants: expected an object"),
-], ids=["passed-string", "failures", "string-speed", "foreign-bundle-field", "variants-list"])
+], ids=["passed-string", "failures", "string-cosine", "foreign-bundle-field", "variants-list"])
 def test_forged_and_resealed_report_is_still_refused(tiny_bundle, tmp_path, tmpdir_env, edit, message):
     """Even a report whose seal was recomputed to match must be a passing report for this bundle."""
     archive = make_release(tiny_bundle, good_report(tiny_bundle), tmp_path)
