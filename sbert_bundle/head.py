@@ -2,8 +2,8 @@
 
 This is the project's only implementation of Pooling / Dense / Normalize. The build side
 (`stages.split`) writes a `head.json` describing them; the runtime reads it here. The
-arithmetic mirrors sentence-transformers' own modules (right-padded batches; a
-left-padded mask is handled too, as sentence-transformers does).
+arithmetic mirrors sentence-transformers' own modules, for right- and left-padded batches,
+including `include_prompt: false` (prompt tokens left out of pooling).
 """
 
 from __future__ import annotations
@@ -63,13 +63,18 @@ class Pooling:
     def output_dimension(self) -> int:
         return len(self.modes) * self.embedding_dimension
 
-    def __call__(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """tokens: (batch, seq, dim) float32; mask: (batch, seq) 0/1 ints.
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray, prompt_length: int = 0) -> np.ndarray:
+        """tokens: (batch, seq, dim) float32; mask: (batch, seq) 0/1 ints; prompt_length: how many
+        leading tokens of every sentence are the prompt (sentence-transformers' prompt_length).
 
-        include_prompt is recorded but has no effect: bundles are built only from models
-        without a default prompt, and encode takes no prompt."""
+        With include_prompt false, the prompt tokens are masked out of every mode, as
+        sentence-transformers does: positions before the first real token plus prompt_length are
+        zeroed (weightedmean keeps the weights of the unmasked batch)."""
         mask = mask.astype(np.int64)
         batch, seq, dim = tokens.shape
+        first_real = mask.argmax(axis=1)  # the left padding of each row (0 for right padding)
+        if prompt_length and not self.include_prompt:
+            mask = np.where(np.arange(seq)[None, :] < (first_real + prompt_length)[:, None], 0, mask)
         maskf = mask[:, :, None].astype(np.float32)
         out: list[np.ndarray] = []
         for mode in self.modes:
@@ -84,7 +89,7 @@ class Pooling:
                 out.append(summed / (count if mode == "mean" else np.sqrt(count)))
             elif mode == "weightedmean":
                 weights = np.arange(1, seq + 1, dtype=np.float32)[None, :, None]
-                weights = weights - mask.argmax(axis=1).astype(np.float32)[:, None, None]
+                weights = weights - first_real.astype(np.float32)[:, None, None]
                 weighted = maskf * weights
                 out.append(_masked_sum(tokens, weighted[:, :, 0]) / np.maximum(weighted.sum(axis=1), 1e-9))
             elif mode == "lasttoken":
@@ -154,6 +159,8 @@ class Head:
     padding_side: str = "right"
     truncation_side: str = "right"
     modules: tuple = ()
+    prompts: dict = field(default_factory=dict)  # name -> text, from config_sentence_transformers.json
+    default_prompt_name: str | None = None
 
     @property
     def embedding_dimension(self) -> int:
@@ -162,18 +169,40 @@ class Head:
             dim = getattr(m, "output_dimension", dim)
         return dim
 
-    def __call__(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray, prompt_length: int = 0) -> np.ndarray:
         x = tokens
         for m in self.modules:
-            x = m(x, mask) if isinstance(m, Pooling) else m(x)
+            x = m(x, mask, prompt_length) if isinstance(m, Pooling) else m(x)
         return x
+
+    @property
+    def prompts_matter(self) -> bool:
+        """Whether the prompt's token count is needed (some Pooling leaves the prompt out)."""
+        return any(isinstance(m, Pooling) and not m.include_prompt for m in self.modules)
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The prompt text to prepend, as sentence-transformers resolves it: an explicit prompt wins
+        over prompt_name; with neither, the model's default_prompt_name (if any)."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt is {type(prompt).__name__}, expected str")
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts: "
+                                 f"{sorted(self.prompts) or 'it has none'}")
+            return self.prompts[prompt_name]
+        return self.prompts.get(self.default_prompt_name) if self.default_prompt_name is not None else None
 
     def to_dict(self) -> dict:
         return {"schema": HEAD_SCHEMA, "max_seq_length": self.max_seq_length,
                 "do_lower_case": self.do_lower_case, "hidden_size": self.hidden_size,
                 "pad_token": self.pad_token, "pad_token_id": self.pad_token_id,
                 "padding_side": self.padding_side, "truncation_side": self.truncation_side,
-                "modules": [m.to_dict() for m in self.modules]}
+                "modules": [m.to_dict() for m in self.modules],
+                # only for a model with prompts: head.json of a model without stays as it was
+                **({"prompts": self.prompts, "default_prompt_name": self.default_prompt_name}
+                   if self.prompts or self.default_prompt_name is not None else {})}
 
     def save(self, folder: Path) -> Path:
         """Write head.json (Dense weights must already be saved at their relative paths)."""
@@ -228,6 +257,11 @@ def _build_head(folder: Path, path: Path, spec: dict) -> Head:
     if spec.get("padding_side", "right") not in ("left", "right") or \
             spec.get("truncation_side", "right") not in ("left", "right"):
         raise HeadError(f"{path}: padding_side and truncation_side must be 'left' or 'right'")
+    prompts, default = spec.get("prompts", {}), spec.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise HeadError(f"{path}: prompts must be an object of strings")
+    if default is not None and default not in prompts:
+        raise HeadError(f"{path}: default_prompt_name {default!r} is not one of its prompts {sorted(prompts)}")
     return Head(spec["max_seq_length"], spec["do_lower_case"], spec["hidden_size"], spec["pad_token"],
                 spec["pad_token_id"], spec.get("padding_side", "right"), spec.get("truncation_side", "right"),
-                tuple(modules))
+                tuple(modules), prompts, default)

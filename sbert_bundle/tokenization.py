@@ -38,6 +38,7 @@ class TextTokenizer:
         self.tokenizer.no_padding()  # padding is per batch, in pad()
         self.pad_id = head.pad_token_id
         self.left = head.padding_side == "left"
+        self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, texts: list[str]) -> list:
         """Truncated, unpadded encodings (their lengths decide the batches)."""
@@ -55,6 +56,12 @@ class TextTokenizer:
             mask[row, span] = e.attention_mask
             types[row, span] = e.type_ids
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def prompt_length(self, prompt: str) -> int:
+        """The prompt's length in tokens as sentence-transformers counts it: the prompt tokenized
+        alone (special tokens, truncation included), less a trailing special token (EOS / SEP)."""
+        ids = self.tokenizer.encode(prompt).ids
+        return len(ids) - 1 if ids and ids[-1] in self.special_ids else len(ids)
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.pad(self.encode(texts))

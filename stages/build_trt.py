@@ -170,8 +170,6 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
 def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | None = None) -> dict:
     cache_path = Path(cfg["timing_cache"])
     settings(cfg)
-    if max_seq_length:
-        check_coverage(cfg["profiles"], max_seq_length)
     if not cfg["enabled"]:
         record = {"skipped": True, "reason": "trt.enabled is false", "plans": []}
     else:
@@ -180,6 +178,8 @@ def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | 
             log.info("TensorRT plans skipped: %s", why)
             record = {"skipped": True, "reason": why, "plans": []}
         else:
+            if max_seq_length:  # only plans must take the longest input: no plan, nothing to cover
+                check_coverage(cfg["profiles"], max_seq_length)
             record = {"skipped": False, "plans": [build(trt, onnx_path, cfg, cache_path, out_dir)]}
     if not cache_path.exists():  # an empty cache is a valid start for the next build
         cache_path.parent.mkdir(parents=True, exist_ok=True)

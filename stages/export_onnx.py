@@ -2,8 +2,10 @@
 
 Reads artifacts/split/ (transformer/ and head.json's max_seq_length), writes artifacts/onnx/:
   model.onnx        fp32, dynamic batch and sequence axes, inputs exactly the tokenizer's
-  model_fused.onnx  the same after onnxruntime's transformer optimizer (Attention, LayerNorm… fused)
-  report.json       input names, validation results, fusion statistics
+  model_fused.onnx  the same after onnxruntime's transformer optimizer (Attention, LayerNorm… fused);
+                    attention fusion only for the encoders it matches (ATTENTION_FUSION_ARCHS, right
+                    padding), and the plain graph where no fusion validates (the reason logged)
+  report.json       input names, validation results, fusion statistics (fusion_notes: what was off, why)
 The model is loaded with attn_implementation="eager": the SDPA graph does not fuse.
 """
 
@@ -104,17 +106,66 @@ def export(model_dir: Path, out_path: Path, opset: int):
     return wrapped, tokenizer, input_names
 
 
-def fuse(plain: Path, out_path: Path, cfg: dict, config) -> dict:
+# Encoders whose self-attention onnxruntime's `bert` fusions match (a bidirectional attention whose
+# padding mask the fused Attention op reads as right-padded lengths).
+ATTENTION_FUSION_ARCHS = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet", "electra")
+
+
+def fusion_plan(cfg: dict, config, padding_side: str) -> str:
+    """'' when every fusion of the optimizer's model_type applies, else why attention fusion is off."""
+    if config.model_type not in ATTENTION_FUSION_ARCHS:
+        return (f"{config.model_type} is not an encoder onnxruntime's {cfg['model_type']} attention fusion "
+                "matches: LayerNorm / GELU fusions only")
+    if padding_side == "left":
+        return "padding_side is left: the fused Attention reads the mask as right-padded lengths"
+    return ""
+
+
+def fuse(plain: Path, out_path: Path, cfg: dict, config, attention_off: str = "") -> dict:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions(cfg["model_type"])
+    if attention_off:
+        options.enable_attention = options.enable_embed_layer_norm = options.enable_rotary_embeddings = False
     opt = optimize_model(str(plain), model_type=cfg["model_type"],
                          num_heads=cfg["num_heads"] or config.num_attention_heads,
                          hidden_size=cfg["hidden_size"] or config.hidden_size,
-                         opt_level=cfg["opt_level"], use_gpu=False)
+                         optimization_options=options, opt_level=cfg["opt_level"], use_gpu=False)
     opt.save_model_to_file(str(out_path))
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     log.info("fused graph: %s", stats)
     return stats
+
+
+def fuse_and_validate(plain: Path, fused: Path, cfg: dict, torch_model, input_names, batches, head) -> dict:
+    """The fused graph, validated; fusion narrowed (attention off), then off (the plain graph as the
+    fused variant) with the reason logged and recorded, rather than failing the pipeline."""
+    import shutil
+
+    config = torch_model.model.config
+    notes = []
+    why = fusion_plan(cfg["fused"], config, head.padding_side)
+    if why:
+        log.warning("fusion: attention fusion off for this model: %s", why)
+        notes.append(f"attention fusion off: {why}")
+    for attention_off in ([why] if why else ["", "the fully fused graph failed"]):
+        try:
+            stats = fuse(plain, fused, cfg["fused"], config, attention_off)
+            result = validate(cpu_session(fused), torch_model, input_names, batches, cfg["fused"]["atol"],
+                              "fp32-fused")
+        except Exception as e:  # noqa: BLE001 - the optimizer and onnxruntime raise many types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("fusion (%s) failed: %s", "attention off" if attention_off else "all fusions", first)
+            notes.append(f"{'attention off' if attention_off else 'all fusions'}: {first[:300]}")
+            continue
+        if attention_off and not why:
+            notes.append("attention fusion off: the fully fused graph failed")
+        return {"fusion": stats, "validation": result, **({"fusion_notes": notes} if notes else {})}
+    log.warning("fusion off for this model: fp32-fused is the plain graph (%s)", "; ".join(notes))
+    shutil.copyfile(plain, fused)
+    result = validate(cpu_session(fused), torch_model, input_names, batches, cfg["fused"]["atol"], "fp32-fused")
+    return {"fusion": {}, "validation": result, "fusion_notes": notes + ["fusion off: fp32-fused is the plain graph"]}
 
 
 def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
@@ -123,7 +174,8 @@ def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
     from sbert_bundle.head import load_head
 
     model_dir = split_dir / "transformer"
-    max_len = load_head(split_dir / "modules").max_seq_length
+    head = load_head(split_dir / "modules")
+    max_len = head.max_seq_length
     plain, fused = out_dir / "model.onnx", out_dir / "model_fused.onnx"
     log.info("exporting %s (opset %d)", model_dir, cfg["opset"])
     torch_model, tokenizer, input_names = export(model_dir, plain, cfg["opset"])
@@ -134,9 +186,11 @@ def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
                                              input_names, batches, cfg["atol"], "fp32")}
     log.info("fp32 matches PyTorch: max |diff| %.2g", report["validation"]["fp32"]["max_abs_diff"])
     if cfg["fused"]["enabled"]:
-        report["fusion"] = fuse(plain, fused, cfg["fused"], torch_model.model.config)
-        report["validation"]["fp32-fused"] = validate(cpu_session(fused), torch_model,
-                                                      input_names, batches, cfg["fused"]["atol"], "fp32-fused")
+        fused_report = fuse_and_validate(plain, fused, cfg, torch_model, input_names, batches, head)
+        report["fusion"] = fused_report["fusion"]
+        report["validation"]["fp32-fused"] = fused_report["validation"]
+        if "fusion_notes" in fused_report:
+            report["fusion_notes"] = fused_report["fusion_notes"]
         log.info("fused matches PyTorch: max |diff| %.2g", report["validation"]["fp32-fused"]["max_abs_diff"])
     write_json(out_dir / "report.json", report)
     return report

@@ -44,6 +44,31 @@ LEGACY_POOLING = {
 # Dense options sentence-transformers 6 added; only their defaults are supported.
 DENSE_DEFAULTS = {"use_residual": False, "module_input_name": "sentence_embedding",
                   "module_output_name": "sentence_embedding"}
+# Every other key of a module's config changes the numbers in a way sbert_bundle does not implement:
+# refused, naming the file and the key. (The Transformer's settings are checked in transformer_settings.)
+POOLING_KEYS = {"embedding_dimension", "word_embedding_dimension", "pooling_mode", "include_prompt", *LEGACY_POOLING}
+DENSE_KEYS = {"in_features", "out_features", "bias", "activation_function", *DENSE_DEFAULTS}
+NORMALIZE_DEFAULTS = {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}
+# sentence_bert_config.json: read (max_seq_length, do_lower_case), free of numeric effect (unpad_inputs: the
+# flash-attention layout), or supported only at sentence-transformers' default for text embedding.
+TRANSFORMER_READ = {"max_seq_length", "do_lower_case", "unpad_inputs"}
+TRANSFORMER_DEFAULTS = {
+    "transformer_task": "feature-extraction",
+    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+    "module_output_name": "token_embeddings",
+    "processing_kwargs": {},
+    "query_length": None,
+    "document_length": None,
+    "query_expansion": None,
+}
+# Architectures whose position ids start at padding_idx + 1 (create_position_ids_from_input_ids).
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text",
+                            "longformer", "luke", "markuplm", "roc_bert", "ernie")
+# Architectures whose embedding of a sentence does not depend on left padding: positions counted from the
+# first real token (the padding_idx offset above) or rotary (relative) positions. Others (BERT's absolute
+# positions from 0) embed a left-padded sentence differently in every batch, sentence-transformers included.
+LEFT_PADDING_SAFE = PADDING_OFFSET_POSITIONS + ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text",
+                                                "phi3", "modernbert")
 ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": "identity",
     "torch.nn.modules.activation.Tanh": "tanh",
@@ -135,15 +160,25 @@ def split_transformer(folder: Path, dest: Path) -> dict:
     tokenizer.save_pretrained(dest)
     if not (dest / "tokenizer.json").is_file():
         raise StageError(f"the tokenizer in {folder} has no fast (tokenizers) version; sbert_bundle needs one")
-    st_cfg = read_json(folder / "sentence_bert_config.json", "sentence_bert_config.json") \
-        if (folder / "sentence_bert_config.json").is_file() else {}
+    st_cfg = transformer_settings(folder / "sentence_bert_config.json")
     max_len = st_cfg.get("max_seq_length")
     if max_len is None:  # sentence-transformers caps the tokenizer's length at the position table
         max_len = tokenizer.model_max_length
         if getattr(config, "max_position_embeddings", -1) not in (None, -1):
             max_len = min(max_len, config.max_position_embeddings)
+    usable = position_table(config)
+    if usable is not None and max_len > usable:
+        raise StageError(f"{folder}: max_seq_length {max_len} exceeds the {usable} positions {config.model_type}'s "
+                         f"position table holds (max_position_embeddings {config.max_position_embeddings}"
+                         + (f" less the padding_idx offset {config.max_position_embeddings - usable}"
+                            if usable != config.max_position_embeddings else "") + "): set a max_seq_length "
+                         f"of at most {usable} in sentence_bert_config.json")
     if tokenizer.pad_token is None:
         raise StageError(f"the tokenizer in {folder} has no pad token; batching needs one")
+    if tokenizer.padding_side == "left" and config.model_type not in LEFT_PADDING_SAFE:
+        raise StageError(f"{folder / 'tokenizer_config.json'} sets padding_side 'left', but {config.model_type} "
+                         "counts positions from the first padded slot: a sentence's embedding would depend on the "
+                         "other sentences in its batch (in sentence-transformers too); pad on the right")
     return {
         "max_seq_length": int(max_len),
         "do_lower_case": bool(st_cfg.get("do_lower_case", False)),
@@ -155,8 +190,46 @@ def split_transformer(folder: Path, dest: Path) -> dict:
     }
 
 
+def transformer_settings(path: Path) -> dict:
+    """sentence_bert_config.json, refused when it sets anything sbert_bundle does not implement."""
+    cfg = read_json(path, "sentence_bert_config.json") if path.is_file() else {}
+    if not isinstance(cfg, dict):
+        raise StageError(f"{path} holds a JSON {type(cfg).__name__}, expected an object")
+    for key, value in cfg.items():
+        if key in TRANSFORMER_READ:
+            continue
+        if key not in TRANSFORMER_DEFAULTS:
+            raise StageError(f"{path} sets {key!r}, which sbert_bundle does not implement; it reads "
+                             f"{sorted(TRANSFORMER_READ)} and {sorted(TRANSFORMER_DEFAULTS)} at their defaults")
+        if value != TRANSFORMER_DEFAULTS[key] and not (key == "processing_kwargs" and value is None):
+            raise StageError(f"{path} sets {key} to {value!r}; sbert_bundle supports only "
+                             f"{TRANSFORMER_DEFAULTS[key]!r} (text embedding through the model's forward)")
+    max_len = cfg.get("max_seq_length")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise StageError(f"{path} max_seq_length {max_len!r}: expected a positive integer")
+    return cfg
+
+
+def position_table(config) -> int | None:
+    """How many tokens the model's position embeddings hold (None: no table to overrun)."""
+    size = getattr(config, "max_position_embeddings", None)
+    if not isinstance(size, int) or size <= 0:
+        return None
+    if config.model_type in PADDING_OFFSET_POSITIONS and getattr(config, "pad_token_id", None) is not None:
+        return size - (config.pad_token_id + 1)  # positions run from padding_idx + 1
+    return size
+
+
+def refuse_unknown_keys(path: Path, cfg: dict, known: set[str], module: str) -> None:
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise StageError(f"{path} sets {', '.join(map(repr, unknown))}, which sbert_bundle's {module} does not "
+                         f"implement; it reads {sorted(known)}")
+
+
 def pooling_from(folder: Path, index: int) -> Pooling:
     cfg = read_json(folder / "config.json", f"Pooling config (modules.json entry {index})")
+    refuse_unknown_keys(folder / "config.json", cfg, POOLING_KEYS, "Pooling")
     dim = cfg.get("embedding_dimension", cfg.get("word_embedding_dimension"))
     if "pooling_mode" in cfg:
         modes = cfg["pooling_mode"]
@@ -171,6 +244,7 @@ def pooling_from(folder: Path, index: int) -> Pooling:
 
 def dense_from(folder: Path, index: int, dest: Path) -> Dense:
     cfg = read_json(folder / "config.json", f"Dense config (modules.json entry {index})")
+    refuse_unknown_keys(folder / "config.json", cfg, DENSE_KEYS, "Dense")
     unsupported = {k: cfg[k] for k, default in DENSE_DEFAULTS.items() if k in cfg and cfg[k] != default}
     if unsupported:
         raise StageError(f"{folder / 'config.json'} sets {unsupported}; sbert_bundle supports Dense only with "
@@ -205,6 +279,17 @@ def dense_from(folder: Path, index: int, dest: Path) -> Dense:
         raise StageError(f"Dense module {folder}: {e}") from None
 
 
+def normalize_from(folder: Path, index: int) -> Normalize:
+    """Normalize's config (sentence-transformers 6: input / output feature names) at its defaults only."""
+    path = folder / "config.json"
+    cfg = read_json(path, f"Normalize config (modules.json entry {index})") if path.is_file() else {}
+    refuse_unknown_keys(path, cfg, set(NORMALIZE_DEFAULTS), "Normalize")
+    unsupported = {k: v for k, v in cfg.items() if v != NORMALIZE_DEFAULTS[k]}
+    if unsupported:
+        raise StageError(f"{path} sets {unsupported}; sbert_bundle supports Normalize only with {NORMALIZE_DEFAULTS}")
+    return Normalize()
+
+
 def st_pooling_config(pooling: Pooling) -> dict:
     """Pooling config in the legacy form that sentence-transformers 5 and 6 both read,
     unless the modes' order differs from the legacy concatenation order."""
@@ -217,19 +302,23 @@ def st_pooling_config(pooling: Pooling) -> dict:
             "include_prompt": pooling.include_prompt}
 
 
-def refuse_default_prompt(model_dir: Path) -> None:
-    """sentence-transformers prepends a default prompt to every input; sbert_bundle does not (yet)."""
+def prompts_from(model_dir: Path) -> dict:
+    """The model's prompts and default_prompt_name (config_sentence_transformers.json), for the head."""
     path = model_dir / "config_sentence_transformers.json"
-    if path.is_file():
-        cfg = read_json(path, "config_sentence_transformers.json")
-        if cfg.get("default_prompt_name"):
-            raise StageError(f"{path} sets default_prompt_name {cfg['default_prompt_name']!r}: models that "
-                             "prepend a prompt to every input are not supported yet")
+    cfg = read_json(path, "config_sentence_transformers.json") if path.is_file() else {}
+    prompts, default = cfg.get("prompts") or {}, cfg.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise StageError(f"{path} prompts: expected an object of strings, got {prompts!r:.200}")
+    if default is not None and default not in prompts:
+        raise StageError(f"{path} default_prompt_name {default!r} is not one of its prompts {sorted(prompts)}")
+    if not any(prompts.values()) and default is None:
+        return {}  # nothing to carry: head.json stays as for a model without prompts
+    return {"prompts": prompts, "default_prompt_name": default}
 
 
 def run(model_dir: Path, out_dir: Path) -> Head:
     entries = read_modules(model_dir)
-    refuse_default_prompt(model_dir)
+    prompts = prompts_from(model_dir)
     settings = split_transformer(entries[0]["dir"], out_dir / "transformer")
     modules_dir = out_dir / "modules"
     modules_dir.mkdir()
@@ -242,7 +331,7 @@ def run(model_dir: Path, out_dir: Path) -> Head:
         elif e["kind"] == "Dense":
             head_modules.append(dense_from(e["dir"], i, modules_dir))
         else:
-            head_modules.append(Normalize())
+            head_modules.append(normalize_from(e["dir"], i))
         # the sentence-transformers copy of this module, for loading the bundle with it
         rel = Path(e["path"]).as_posix()
         if e["dir"].is_dir():
@@ -257,7 +346,7 @@ def run(model_dir: Path, out_dir: Path) -> Head:
     for name in ST_CONFIG_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, modules_dir / name)
-    head = Head(modules=tuple(head_modules), **settings)
+    head = Head(modules=tuple(head_modules), **settings, **prompts)
     # tokenization settings in the form every sentence-transformers version reads
     write_json(modules_dir / "sentence_bert_config.json",
                {"max_seq_length": head.max_seq_length, "do_lower_case": head.do_lower_case})

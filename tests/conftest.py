@@ -164,3 +164,111 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_bundle(tmp_path_factory, tiny_model, params) -> Path:
     return build_bundle(tiny_model, tmp_path_factory.mktemp("tiny-build"), fast_params(params))
 
+
+
+# --- model zoo: the other tokenizer families and architectures (tests/test_model_zoo.py) ---------------
+
+CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+
+
+def unigram_tokenizer():
+    """A SentencePiece-style Unigram tokenizer (XLM-R's layout: <s>=0 <pad>=1 </s>=2 <unk>=3, Metaspace,
+    `<s> $A </s>`), built with the tokenizers library, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = [(s, 0.0) for s in specials] + [("▁" + w, -2.0 - len(w) / 10) for w in WORDS] + \
+        [("▁", -4.0)] + [(c, -6.0) for c in CHARS] + [("▁" + c, -5.0) for c in CHARS] + [("<mask>", 0.0)]
+    tok = Tokenizer(models.Unigram(list(dict(pieces).items()), unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+                                   model_input_names=["input_ids", "attention_mask"])
+    return fast
+
+
+def bpe_tokenizer(padding_side: str = "left"):
+    """A byte-level BPE tokenizer (GPT-2 / Qwen layout) trained on the test words, appending
+    <|endoftext|> to every input (as decoder embedders do for last-token pooling)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS), *SENTENCES, *WORDS], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                       special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   padding_side=padding_side, model_input_names=["input_ids", "attention_mask"])
+
+
+def make_zoo_model(path: Path, family: str, *, pooling=("mean",), dense=None, normalize: bool = True,
+                   max_seq_length: int = 64, include_prompt: bool = True, prompts: dict | None = None,
+                   default_prompt_name: str | None = None, hidden: int = 32, max_position_embeddings: int = 130,
+                   padding_side: str = "left", seed: int = 0) -> Path:
+    """A tiny random model of another family, saved by sentence-transformers.
+
+    family: "xlm-roberta" (Unigram tokenizer, no token_type_ids, position ids offset by padding_idx + 1),
+    "qwen2" (decoder, byte-level BPE, `padding_side`), "modernbert" (WordPiece, rotary, local+global
+    attention). dense as in make_st_model."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(seed)
+    path = Path(path)
+    hf_dir = path.parent / f"{path.name}-hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    if family == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaModel
+
+        tok = unigram_tokenizer()
+        cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=2 * hidden, max_position_embeddings=max_position_embeddings,
+                               type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        model = XLMRobertaModel(cfg)
+    elif family == "qwen2":
+        from transformers import Qwen2Config, Qwen2Model
+
+        tok = bpe_tokenizer(padding_side)
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=False)
+        model = Qwen2Model(cfg)
+    elif family == "modernbert":
+        from transformers import BertTokenizerFast, ModernBertConfig, ModernBertModel
+
+        tok = BertTokenizerFast(vocab=str(write_vocab(hf_dir / "vocab.txt")), do_lower_case=False)
+        tok.model_input_names = ["input_ids", "attention_mask"]
+        cfg = ModernBertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=3, num_attention_heads=4, global_attn_every_n_layers=2,
+                               local_attention=16, max_position_embeddings=max_position_embeddings,
+                               pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
+                               sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                               eos_token_id=tok.sep_token_id)
+        model = ModernBertModel(cfg)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+
+    transformer = models.Transformer(str(hf_dir), max_seq_length=max_seq_length)
+    modules = [transformer, models.Pooling(hidden, pooling_mode=tuple(pooling), include_prompt=include_prompt)]
+    dim = hidden * len(pooling)
+    for out_features, activation, bias in dense or []:
+        from sentence_transformers.util import import_from_string
+
+        modules.append(models.Dense(dim, out_features, bias=bias, activation_function=import_from_string(activation)()))
+        dim = out_features
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu", prompts=prompts,
+                        default_prompt_name=default_prompt_name).save(str(path))
+    return path

@@ -196,12 +196,13 @@ def test_split_command_line_exits_1_with_one_error_line_and_writes_nothing(tmp_p
 
 # --- split: what sbert_bundle cannot reproduce is refused, not silently changed -------------------------
 
-def test_default_prompt_is_refused(tmp_path, model):
+def test_default_prompt_that_is_not_a_prompt_is_refused(tmp_path, model):
+    """A default prompt is carried into the bundle (tests/test_model_zoo.py); one naming no prompt is not."""
     cfg_path = model / "config_sentence_transformers.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    cfg.update(prompts={"query": "query: "}, default_prompt_name="query")
+    cfg.update(prompts={"query": "query: "}, default_prompt_name="passage")
     cfg_path.write_text(json.dumps(cfg))
-    msg = fails(tmp_path, "split", run_split(model), "default_prompt_name 'query'")
+    msg = fails(tmp_path, "split", run_split(model), "default_prompt_name 'passage' is not one of its prompts")
     assert str(cfg_path) in msg
 
 
