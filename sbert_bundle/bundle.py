@@ -42,10 +42,11 @@ def exact_here(variant: dict, device: str | None) -> bool:
     return precision == "fp32" or (precision == "fp16" and device == "cuda")
 
 
-def rank_variants(manifest: dict, report: dict | None) -> list[tuple[str, str | None, str]]:
-    """Every variant as (name, device or None, why), best first for `variant=None`."""
+def rank_variants(manifest: dict, report: dict | None, device_id: int = 0) -> list[tuple[str, str | None, str]]:
+    """Every variant as (name, device or None, why), best first for `variant=None` (GPU variants on
+    CUDA device `device_id`)."""
     variants = manifest["variants"]
-    placed = {name: pick_device(v) for name, v in variants.items()}
+    placed = {name: pick_device(v, device_id) for name, v in variants.items()}
     passed = None
     if report:  # a result counts only on the device it was measured on (a CPU pass says nothing of CUDA)
         passed = {name: r for name, r in report["variants"].items()
@@ -88,8 +89,9 @@ class Bundle:
     """A loaded bundle variant. `encode` is safe to call from several threads at once."""
 
     def __init__(self, root: Path, manifest: dict, variant: str, device: str, threads: int | None = None,
-                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False, _text=None):
+                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False, _text=None, device_id: int = 0):
         self.root = Path(root)
+        self.device_id = device_id
         self.manifest = manifest
         self.variant = variant
         self.device = device
@@ -105,7 +107,7 @@ class Bundle:
         spec = manifest["variants"][variant]
         try:
             self.backend = open_backend(self.root, spec, device, threads if device == "cpu" else None,
-                                        runtime.get("cuda_graph_buckets"), self.head.pad_token_id)
+                                        runtime.get("cuda_graph_buckets"), self.head.pad_token_id, device_id)
         except Exception as e:  # e.g. onnxruntime-gpu but no usable GPU or driver (onnxruntime's own error types)
             if not cpu_fallback or device != "cuda" or "cpu" not in spec.get("devices", []) \
                     or spec["backend"] != "onnxruntime" or not exact_here(spec, "cpu"):
@@ -119,18 +121,21 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, variant: str | None = None, threads: int | None = None,
-             verify_integrity: bool = True) -> "Bundle":
+             verify_integrity: bool = True, device_id: int = 0) -> "Bundle":
         """Open a bundle folder or .tar.gz, check every file against the manifest, pick a variant.
 
         variant: a name from the manifest (`fp32`, `fp16-fused`, `int8`, a TensorRT plan…) or
         None for the best exact one that runs here (lossy variants such as int8 only when named).
         threads: onnxruntime intra-op threads on CPU, 1..the cores this process may use.
+        device_id: the CUDA device GPU variants run on (0: the first that CUDA_VISIBLE_DEVICES leaves).
         An archive is checked before anything is written (see `sbert_bundle.archive`); a
         sealed release's verify report is used only when its seal matches (`read_sealed_report`).
         """
         path = Path(path)
         if threads is not None:
             check_threads(threads)
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise ValueError(f"device_id must be a CUDA device number (0 or more), got {device_id!r}")
         tmp = release = None
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
             root, tmp = extract_bundle(path)
@@ -143,7 +148,7 @@ class Bundle:
         else:
             raise FileNotFoundError(f"{path}: no such bundle folder or archive")
         try:
-            return cls._open(root, variant, threads, verify_integrity, tmp, release)
+            return cls._open(root, variant, threads, verify_integrity, tmp, release, device_id)
         except BaseException:
             if tmp is not None:
                 tmp.cleanup()
@@ -151,20 +156,21 @@ class Bundle:
 
     @classmethod
     def _open(cls, root: Path, variant: str | None, threads: int | None, verify_integrity: bool, tmp,
-              release: Path | None) -> "Bundle":
+              release: Path | None, device_id: int = 0) -> "Bundle":
         manifest = read_manifest(root)
         if verify_integrity:
             check_integrity(root, manifest, required=runtime_files(root, manifest))
         report = read_sealed_report(release, root) if release is not None else None
         text = load_text_side(root)  # a broken head or tokenizer is the bundle's fault, not a variant's
-        ranked = rank_variants(manifest, report)
+        ranked = rank_variants(manifest, report, device_id)
         runnable = [(n, d) for n, d, r in ranked if d is not None and not r]
         if variant is None:  # the best that opens: a plan or GPU graph may still fail to load here
             failed = []
             for name, device in runnable:
                 try:
                     log.info("bundle %s: using variant %s on %s", root, name, device)
-                    bundle = cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text)
+                    bundle = cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text,
+                                 device_id=device_id)
                     bundle.release = release
                     return bundle
                 except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
@@ -178,7 +184,7 @@ class Bundle:
         if device is None:
             raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
-        bundle = cls(root, manifest, variant, device, threads, report, tmp, _text=text)
+        bundle = cls(root, manifest, variant, device, threads, report, tmp, _text=text, device_id=device_id)
         bundle.release = release
         return bundle
 
@@ -231,7 +237,7 @@ class Bundle:
 
     def describe(self) -> dict:
         """What `sbert-bundle inspect` prints: manifest summary and the variant choice here."""
-        ranked = rank_variants(self.manifest, self.report)
+        ranked = rank_variants(self.manifest, self.report, self.device_id)
         return {
             "name": self.manifest.get("name"),
             "version": self.manifest.get("version"),
@@ -239,7 +245,8 @@ class Bundle:
             "source": {k: self.manifest.get("source", {}).get(k) for k in ("kind", "id", "revision")},
             "embedding_dimension": self.embedding_dimension,
             "max_seq_length": self.head.max_seq_length,
-            "selected": {"variant": self.variant, "device": self.device},
+            "selected": {"variant": self.variant, "device": self.device,
+                         **({"device_id": self.device_id} if self.device == "cuda" else {})},
             "variants": [
                 {"name": n, "runs_here": d is not None and not r, "device": d, "why_not": r or None,
                  "gpu_note": _gpu_note(self.manifest["variants"][n], d),

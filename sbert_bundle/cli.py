@@ -56,7 +56,7 @@ def _encode(args) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more")
     sentences = read_sentences(args.input)
-    bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads)
+    bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads, device_id=args.device_id)
     emb = bundle.encode(sentences, batch_size=args.batch_size, prompt=args.prompt, prompt_name=args.prompt_name)
     if args.output:
         write_output(args.output, emb)
@@ -68,7 +68,7 @@ def _encode(args) -> None:
 
 
 def _inspect(args) -> None:
-    bundle = Bundle.load(args.bundle, variant=args.variant)
+    bundle = Bundle.load(args.bundle, variant=args.variant, device_id=args.device_id)
     info = bundle.describe()
     if args.json:
         print(json.dumps(info, indent=2, allow_nan=False))
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--variant", help="variant name from the manifest (default: best that runs here)")
     enc.add_argument("--batch-size", type=int, default=32)
     enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads on CPU (1 to the number of cores)")
+    enc.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants (default 0)")
     enc.add_argument("--prompt", help="text prepended to every sentence (wins over --prompt-name)")
     enc.add_argument("--prompt-name", help="one of the model's prompts (`inspect` lists them; default: the "
                                            "model's default_prompt_name, if it has one)")
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("bundle", help="bundle folder or .tar.gz")
     ins.add_argument("--variant", help="show the choice for this variant instead of the best")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants (default 0)")
     ins.set_defaults(func=_inspect)
 
     pul = sub.add_parser("pull", help="download a published version from a registry, check it and unpack it",

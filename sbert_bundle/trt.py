@@ -11,6 +11,7 @@ Runtimes, on a GPU machine:
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from pathlib import Path
 
@@ -25,18 +26,22 @@ def _cudart():
     return cudart
 
 
-def _check(result):
+def _check(result, doing: str = ""):
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA error {getattr(err, 'name', err)} ({int(err)})")
+        raise RuntimeError(f"CUDA error {getattr(err, 'name', err)} ({int(err)})" + (f" in {doing}" if doing else ""))
     return rest[0] if len(rest) == 1 else rest
 
 
-def gpu_here() -> dict:
+def gpu_here(device_id: int = 0) -> dict:
+    """Name and compute capability of CUDA device `device_id` (as CUDA numbers them here)."""
     cudart = _cudart()
-    if _check(cudart.cudaGetDeviceCount()) < 1:
+    count = _check(cudart.cudaGetDeviceCount())
+    if count < 1:
         raise RuntimeError("no CUDA device")
-    props = _check(cudart.cudaGetDeviceProperties(0))
+    if not 0 <= device_id < count:
+        raise RuntimeError(f"no CUDA device {device_id}: this machine has {count} (0 to {count - 1})")
+    props = _check(cudart.cudaGetDeviceProperties(device_id))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
 
@@ -60,14 +65,14 @@ def load_tensorrt(meta: dict):
     return trt, ""
 
 
-def plan_compatibility(variant: dict) -> tuple[str | None, str]:
-    """("cuda", "") when the plan can run here, else (None, reason)."""
+def plan_compatibility(variant: dict, device_id: int = 0) -> tuple[str | None, str]:
+    """("cuda", "") when the plan can run here on CUDA device `device_id`, else (None, reason)."""
     meta = variant.get("tensorrt", {})
     trt, why = load_tensorrt(meta)
     if trt is None:
         return None, why
     try:
-        here = gpu_here()
+        here = gpu_here(device_id)
     except ImportError:
         return None, "cuda-python is not installed here (pip install cuda-python): the TensorRT backend needs it"
     except Exception as e:  # noqa: BLE001 - no driver or no device
@@ -111,50 +116,93 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(text).split(".") if p.isdigit())
 
 
-class TrtBackend:
-    """Deserialize a plan, pick the optimization profile by input shape, run on device buffers."""
+def pick_profile(profiles: list[list[tuple]], shape: tuple[int, ...]) -> int | None:
+    """The optimization profile to run `shape` with: of those whose min..max holds it for every
+    input, the one whose opt shape is closest above it (TensorRT tuned its kernels for opt: an
+    8x128 batch belongs on the 8x128 profile, not on a 1x16 one that merely allows it); if no opt
+    shape holds it, the largest one. profiles: per profile, per input, (min, opt, max). None if
+    none fits."""
+    best = None
+    for idx, inputs in enumerate(profiles):
+        if not all(all(lo <= s <= hi for lo, s, hi in zip(mn, shape, mx)) for mn, _, mx in inputs):
+            continue
+        covers = all(all(s <= o for s, o in zip(shape, opt)) for _, opt, _ in inputs)
+        volume = max(int(np.prod(opt)) for _, opt, _ in inputs)
+        key = (0, volume) if covers else (1, -volume)
+        if best is None or key < best[0]:
+            best = (key, idx)
+    return None if best is None else best[1]
 
-    def __init__(self, path: Path, variant: dict):
+
+def host_array(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A numpy array of `shape` and `dtype` over host memory at `ptr` (a pinned buffer): no copy."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype=dtype).reshape(shape)
+
+
+class TrtBackend:
+    """Deserialize a plan, pick the optimization profile by input shape, run on device buffers.
+
+    The TensorRT runtime and its logger live as long as the backend (an engine must not outlive
+    the runtime that deserialized it). Copies between host and GPU go through pinned host buffers
+    (cudaMallocHost), grown as needed and freed by `close` with the device buffers and stream.
+    device_id: the CUDA device the plan runs on (set for every call, whichever thread makes it).
+    """
+
+    def __init__(self, path: Path, variant: dict, device_id: int = 0):
         flags = variant.get("tensorrt", {}).get("flags", [])
         trt, why = load_tensorrt(variant.get("tensorrt", {}))
         if trt is None:
             raise RuntimeError(why)
-        self.trt = trt
+        self.trt, self.path, self.device_id = trt, Path(path), device_id
         self.cudart = _cudart()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.host: dict[str, tuple[int, int]] = {}     # name -> (pinned host pointer, bytes)
+        self.stream = self.context = self.engine = None
+        _check(self.cudart.cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
         if "VERSION_COMPATIBLE" in flags and "EXCLUDE_LEAN_RUNTIME" not in flags:
-            runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime it was built with
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+            self.runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime it was built with
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path}")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # its activation memory did not fit: usually the largest profile
+            raise RuntimeError(f"TensorRT could not create an execution context for {path} on GPU {device_id}: it "
+                               f"needs {self.engine.device_memory_size_v2 / 2**20:.0f} MiB of free GPU memory "
+                               "(free some, or build with smaller profiles: conf/trt profiles)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        # per profile, the (min, max) shape of every input: read once, checked on every call
-        self.ranges = [[(lo, hi) for lo, _, hi in (self.engine.get_tensor_profile_shape(n, idx)
-                                                    for n in self.input_names)]
-                       for idx in range(self.engine.num_optimization_profiles)]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        # per profile, per input, its (min, opt, max) shapes: read once, used on every call
+        self.profiles = [[tuple(tuple(int(d) for d in dims) for dims in self.engine.get_tensor_profile_shape(n, idx))
+                          for n in self.input_names]
+                         for idx in range(self.engine.num_optimization_profiles)]
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.profile = -1
         self.lock = threading.Lock()  # one execution context: calls take turns
-        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
     def _pick_profile(self, shape: tuple[int, int]) -> int | None:
-        """The first profile whose min..max holds `shape` for every input (profiles may differ per input)."""
-        for idx, inputs in enumerate(self.ranges):
-            if all(all(a <= s <= b for a, s, b in zip(lo, shape, hi)) for lo, hi in inputs):
-                return idx
-        return None
+        return pick_profile(self.profiles, shape)
 
     def close(self) -> None:
-        """Free the device buffers and the stream (also on garbage collection)."""
-        for ptr, _ in self.buffers.values():
-            self.cudart.cudaFree(ptr)
-        self.buffers = {}
+        """Free the execution context and engine, then the device and pinned buffers and the stream
+        (also on garbage collection). The backend cannot run after."""
+        cudart = self.cudart
         if getattr(self, "stream", None) is not None:
-            self.cudart.cudaStreamDestroy(self.stream)
+            cudart.cudaStreamSynchronize(self.stream)
+        self.context = self.engine = None  # before the runtime, and before the memory they point at
+        for ptr, _ in self.buffers.values():
+            cudart.cudaFree(ptr)
+        for ptr, _ in self.host.values():
+            cudart.cudaFreeHost(ptr)
+        self.buffers, self.host = {}, {}
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
             self.stream = None
+        self.runtime = None
 
     def __del__(self):
         try:
@@ -167,8 +215,19 @@ class TrtBackend:
         if size < nbytes:
             if ptr:
                 _check(self.cudart.cudaFree(ptr))
-            ptr = _check(self.cudart.cudaMalloc(nbytes))
+            ptr = _check(self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {name}")
             self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def _pinned(self, name: str, nbytes: int) -> int:
+        """A page-locked host buffer of at least nbytes for tensor `name` (copies from it are async and fast)."""
+        ptr, size = self.host.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(self.cudart.cudaFreeHost(ptr))
+            size = max(nbytes, 4096)
+            ptr = _check(self.cudart.cudaMallocHost(size), f"cudaMallocHost({size}) for {name}")
+            self.host[name] = (ptr, size)
         return ptr
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -184,6 +243,9 @@ class TrtBackend:
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shape = inputs["input_ids"].shape
         with self.lock:
+            if self.context is None:
+                raise RuntimeError(f"{self.path}: the TensorRT backend was closed")
+            _check(cudart.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")  # per thread
             profile = self._pick_profile(shape)
             if profile is None:
                 raise ValueError(f"input shape {shape} fits none of the plan's optimization profiles")
@@ -192,18 +254,24 @@ class TrtBackend:
                     raise RuntimeError(f"TensorRT refused optimization profile {profile}")
                 self.profile = profile
             for name in self.input_names:
-                arr = np.ascontiguousarray(inputs[name].astype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
-                ptr = self._buffer(name, arr.nbytes)
-                _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+                arr = inputs[name]
+                nbytes = arr.size * self.dtypes[name].itemsize
+                host = self._pinned(name, nbytes)
+                np.copyto(host_array(host, arr.shape, self.dtypes[name]), arr, casting="unsafe")  # int64 -> int32
+                ptr = self._buffer(name, nbytes)
+                _check(cudart.cudaMemcpyAsync(ptr, host, nbytes, h2d, self.stream))
                 if not self.context.set_input_shape(name, arr.shape):
                     raise RuntimeError(f"TensorRT refused shape {arr.shape} for input {name} (profile {profile})")
                 self.context.set_tensor_address(name, ptr)
             out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            out = np.empty(out_shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-            out_ptr = self._buffer(self.output_name, out.nbytes)
+            out_dtype = self.dtypes[self.output_name]
+            nbytes = int(np.prod(out_shape)) * out_dtype.itemsize
+            out_ptr = self._buffer(self.output_name, nbytes)
             self.context.set_tensor_address(self.output_name, out_ptr)
             if not self.context.execute_async_v3(self.stream):
                 raise RuntimeError("TensorRT execution failed")
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, out_ptr, out.nbytes, d2h, self.stream))
+            host = self._pinned(self.output_name, nbytes)
+            _check(cudart.cudaMemcpyAsync(host, out_ptr, nbytes, d2h, self.stream))
             _check(cudart.cudaStreamSynchronize(self.stream))
-        return out.astype(np.float32, copy=False)
+            # a copy: the pinned buffer is reused by the next call
+            return np.array(host_array(host, out_shape, out_dtype), dtype=np.float32)

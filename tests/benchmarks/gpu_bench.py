@@ -57,8 +57,8 @@ def ort_runner(path: Path, device: str, shape, vocab: int, cuda_graph: bool):
         binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(feeds[inp.name], dev, 0))
     out = session.get_outputs()[0]
     hidden = out.shape[-1]
-    binding.bind_ortvalue_output(out.name, ort.OrtValue.ortvalue_from_shape_and_type([*shape, hidden], np.float32,
-                                                                                     dev, 0))
+    dtype = np.float16 if out.type == "tensor(float16)" else np.float32  # the graph's own output type
+    binding.bind_ortvalue_output(out.name, ort.OrtValue.ortvalue_from_shape_and_type([*shape, hidden], dtype, dev, 0))
     options = ort.RunOptions()
     if cuda_graph:
         options.add_run_config_entry("gpu_graph_id", "1")
@@ -150,6 +150,7 @@ def main() -> None:
     best = Bundle.load(args.bundle, variant=None if args.device == "cuda" else "fp32-fused")
     best.encode(sentences[:256], batch_size=128)
     t_b = median_ms(lambda: best.encode(sentences, batch_size=128), lambda: None, 0, 1 if args.quick else 3) / 1e3
+    graphs = best.backend.graph_status() if hasattr(best.backend, "graph_status") else {}
 
     # The host's share of Bundle.encode (tokenize, sort, pad, pool): the same call with a backend
     # that returns zeros at once. If end to end misses its target, this says whether the host is why.
@@ -165,6 +166,10 @@ def main() -> None:
     lines.append(f"end to end, {n} short sentences: sentence-transformers fp32 {n / t_st:.0f}/s, "
                  f"Bundle.encode ({best.variant} on {best.device}) {n / t_b:.0f}/s, ratio {t_st / t_b:.2f}x; "
                  f"host side alone {n / t_host:.0f}/s")
+    if graphs:
+        states = [v.split(":")[0] for v in graphs.values()]
+        lines.append("CUDA graph buckets: " + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)))
+        lines += [f"  {b}: {v}" for b, v in graphs.items() if v.startswith("failed")]
     lines += targets(by, shapes, t_st / t_b)
     table = "\n".join(lines)
     print(table)
@@ -172,7 +177,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor(),
               "command": " ".join(sys.argv), "rows": rows, "table": table,
               "end_to_end": {"sentences": n, "pytorch_per_s": n / t_st, "bundle_per_s": n / t_b,
-                             "host_side_per_s": n / t_host, "variant": best.variant, "ratio": t_st / t_b}}
+                             "host_side_per_s": n / t_host, "variant": best.variant, "ratio": t_st / t_b,
+                             "cuda_graph_buckets": graphs}}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"gpu_bench-{record['date'][:10]}-{args.device}"
