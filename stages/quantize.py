@@ -15,6 +15,15 @@ Before quantizing, two edits that leave the fp32 function unchanged move the out
      are computed by a small fp32 side path and removed from the quantized MatMul.
 Nodes are found by graph structure (LayerNorm -> MatMul; MatMul -> BiasGelu -> MatMul), so
 this carries over to other encoders that onnxruntime's BERT optimizer fuses the same way.
+
+The attention output projection (the MatMul fed by each Attention) stays fp32 when
+quantize.attention_output_fp32 is set. On x86 CPUs without VNNI (AVX2, or AVX-512 without
+VNNI) onnxruntime's u8s8 kernel multiplies with VPMADDUBSW, which saturates sums of two u8*s8
+products at int16; the attention context, quantized with a zero point near 128, is hit
+hardest there. all-MiniLM-L6-v2 on an AVX2-only CPU (onnxruntime 1.32.0, verify's corpus):
+every MatMul int8 0.988118 min cosine (0.994349 with the same weights in exact integer
+arithmetic, as a VNNI CPU computes it); attention output fp32 0.993644 (0.994428 exact), at
+the same throughput. 7-bit weights (reduce_range) 0.985578; QUInt8 weights 0.993991, ~2x slower.
 """
 
 from __future__ import annotations
@@ -72,6 +81,26 @@ def layernorm_fed(graph, op_types: list[str]) -> list:
     return [n for n in graph.node if n.op_type in op_types and n.op_type in ("MatMul", "Attention")
             and len(n.input) > 1 and n.input[1] in inits
             and getattr(producer.get(n.input[0]), "op_type", None) in LAYER_NORMS]
+
+
+ATTENTION = {"Attention", "MultiHeadAttention"}
+
+
+def attention_output(graph) -> list:
+    """MatMuls with a constant weight fed by attention: a fused Attention node's output, or (unfused)
+    Reshape/Transpose of the probabilities x V MatMul."""
+    inits = {i.name for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def attention_fed(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Reshape", "Transpose"):
+            node = producer.get(node.input[0])
+        return node is not None and (node.op_type in ATTENTION or (
+            node.op_type == "MatMul" and not any(i in inits for i in node.input)))
+
+    return [n for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits
+            and attention_fed(n.input[0])]
 
 
 def channel_absmax(model, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
@@ -187,6 +216,8 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
     attention, ffn = find_targets(model.graph)
     report = {"method": "dynamic", "per_channel": cfg["per_channel"], "weight_type": cfg["weight_type"],
               "source": src.name, "attention_nodes": len(attention), "ffn_blocks": len(ffn)}
+    attn_out = [n.name for n in attention_output(model.graph)] if cfg["attention_output_fp32"] else []
+    report["attention_output_fp32"] = cfg["attention_output_fp32"]
     ed = GraphEditor(model)
     to_smooth = layernorm_fed(model.graph, cfg["op_types"]) if cfg["smoothing"]["enabled"] else []
     if to_smooth or cfg["outliers"]["enabled"]:
@@ -201,9 +232,11 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
     prepared = out_dir / "prepared_fp32.onnx"
     onnx.save(model, str(prepared))
     side_path = [n.name for n in model.graph.node if SIDE_PATH in n.name]
-    excluded = side_path + list(cfg["nodes_to_exclude"])
+    excluded = side_path + attn_out + list(cfg["nodes_to_exclude"])
     report["excluded_nodes"] = (
         [{"node": n, "why": "fp32 side path for outlier channels"} for n in side_path]
+        + [{"node": n, "why": "attention output projection (quantize.attention_output_fp32: int16 saturation "
+                              "of onnxruntime's u8s8 kernel on CPUs without VNNI)"} for n in attn_out]
         + [{"node": n, "why": "quantize.nodes_to_exclude"} for n in cfg["nodes_to_exclude"]])
     log.info("quantizing %s: %d Attention, %d feed-forward blocks, %d nodes kept fp32",
              src.name, len(attention), len(ffn), len(excluded))
