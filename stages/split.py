@@ -131,6 +131,22 @@ def load_pickled_weights(path: Path) -> dict:
                          "give the model as model.safetensors") from None
 
 
+# Keys transformers' save_pretrained copies from how the tokenizer was loaded (HF_HUB_OFFLINE gives
+# local_files_only: true), not from the tokenizer: they would make the bytes follow the environment.
+LOADER_STATE = ("local_files_only", "is_local", "cache_dir", "token", "use_auth_token", "revision",
+                "trust_remote_code", "_commit_hash", "subfolder")
+
+
+def drop_loader_state(path: Path) -> None:
+    """Rewrite tokenizer_config.json without LOADER_STATE keys, in one fixed JSON form."""
+    if not path.is_file():
+        return
+    cfg = read_json(path, "tokenizer_config.json")
+    for key in LOADER_STATE:
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def split_transformer(folder: Path, dest: Path) -> dict:
     """Copy the Transformer module, normalise its tokenizer, return tokenization settings."""
     from transformers import AutoConfig, AutoTokenizer
@@ -158,6 +174,7 @@ def split_transformer(folder: Path, dest: Path) -> dict:
         raise StageError(f"tokenizer files missing or unreadable in {folder} (expected tokenizer.json, or "
                          f"tokenizer_config.json with vocab.txt / sentencepiece files): {e}") from None
     tokenizer.save_pretrained(dest)
+    drop_loader_state(dest / "tokenizer_config.json")
     if not (dest / "tokenizer.json").is_file():
         raise StageError(f"the tokenizer in {folder} has no fast (tokenizers) version; sbert_bundle needs one")
     st_cfg = transformer_settings(folder / "sentence_bert_config.json")

@@ -16,12 +16,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from conftest import build_bundle, fast_params
+from conftest import REPO, build_bundle, fast_params
 from stages import package, rebuild_check
 from stages.common import StageError
 
@@ -213,3 +215,18 @@ def test_rebuild_check_reads_the_report_of_a_release_archive(tmp_path, two_build
     (tmp_path / "junk.tar.gz").write_bytes(gzip.compress(b"not a tar"))
     with pytest.raises(StageError, match="junk.tar.gz"):
         rebuild_check.release_report(tmp_path / "junk.tar.gz", "verify.json")
+
+
+def test_split_does_not_depend_on_hf_hub_offline(tiny_model, tmp_path):
+    """transformers' save_pretrained writes local_files_only from HF_HUB_OFFLINE into
+    tokenizer_config.json; split drops such loader state, so the bytes follow the model only."""
+    outputs = []
+    for offline in ("0", "1"):
+        out = tmp_path / f"split-{offline}"
+        code = f"from pathlib import Path\nfrom stages import split\nsplit.run(Path({str(tiny_model)!r}), Path({str(out)!r}))\n"
+        env = {**os.environ, "HF_HUB_OFFLINE": offline, "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, cwd=REPO)
+        outputs.append(tree_digests(out))
+    assert outputs[0] == outputs[1]
+    config = json.loads((tmp_path / "split-1" / "transformer" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in config
