@@ -21,7 +21,6 @@ same, 1 otherwise. The environment is checked against the lock at REV first.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from sbert_bundle.manifest import sha256_file
 
 from .common import REPO, StageError, stage_main
 from .package import LOCK_NAME, lock_drift, lock_pins
@@ -110,14 +111,6 @@ def verdict(outcomes: list[Outcome], repro_ok: bool) -> tuple[list[str], str | N
             first = o.stage
         lines.append(f"{o.stage:<13} {o.path:<32} {text}")
     return lines, first
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def release_report(archive: Path, report_name: str) -> bytes | None:
