@@ -10,8 +10,6 @@ from typing import Sequence
 import numpy as np
 
 from .archive import REPORT_FILE, SEAL_FILE, extract_bundle
-
-PUBLISHED_FILE = "published.json"
 from .backends import open_backend, pick_device
 from .head import HEAD_FILE, load_head
 from .manifest import (MANIFEST_FILE, IntegrityError, check_integrity, check_threads, cpu_count, read_manifest,
@@ -20,6 +18,7 @@ from .tokenization import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger(__name__)
 
+PUBLISHED_FILE = "published.json"  # written by `sbert-bundle pull` beside a release's bundle/
 # Without a verify report, CPU variants are preferred in this order (the most exact first).
 # Lossy variants (int8) are never picked by default: they run only when named.
 CPU_PREFERENCE = ("fp32-fused", "fp32")
@@ -89,7 +88,8 @@ class Bundle:
     """A loaded bundle variant. `encode` is safe to call from several threads at once."""
 
     def __init__(self, root: Path, manifest: dict, variant: str, device: str, threads: int | None = None,
-                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False, _text=None, device_id: int = 0):
+                 report: dict | None = None, _tmp=None, cpu_fallback: bool = False, _text=None, device_id: int = 0,
+                 release: Path | None = None):
         self.root = Path(root)
         self.device_id = device_id
         self.manifest = manifest
@@ -97,7 +97,7 @@ class Bundle:
         self.device = device
         self.report = report
         self._tmp = _tmp  # keeps an extracted archive alive as long as the bundle
-        self.release = None  # the folder holding verify.json / release.json, for a release
+        self.release = release  # the folder holding verify.json / release.json, for a release
         self.head, self.tokenizer = _text or load_text_side(self.root)
         runtime = manifest.get("runtime", {})  # defaults the bundle was built with (conf/package)
         if threads is not None:
@@ -169,10 +169,8 @@ class Bundle:
             for name, device in runnable:
                 try:
                     log.info("bundle %s: using variant %s on %s", root, name, device)
-                    bundle = cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text,
-                                 device_id=device_id)
-                    bundle.release = release
-                    return bundle
+                    return cls(root, manifest, name, device, threads, report, tmp, cpu_fallback=True, _text=text,
+                               device_id=device_id, release=release)
                 except Exception as e:  # noqa: BLE001 - TensorRT / onnxruntime raise their own types
                     log.warning("variant %s on %s failed to open (%s); trying the next one", name, device, e)
                     failed.append((name, None, f"failed to open: {e}"))
@@ -184,9 +182,8 @@ class Bundle:
         if device is None:
             raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
-        bundle = cls(root, manifest, variant, device, threads, report, tmp, _text=text, device_id=device_id)
-        bundle.release = release
-        return bundle
+        return cls(root, manifest, variant, device, threads, report, tmp, _text=text, device_id=device_id,
+                   release=release)
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 32,
                max_batch_tokens: int | None = -1, prompt: str | None = None,

@@ -32,6 +32,12 @@ def read_sentences(source: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n")[:-1 if text.endswith("\n") else None]] if text else []
 
 
+def json_lines(emb: np.ndarray):
+    """One JSON list per embedding, 7 decimals; never NaN (encode refuses non-finite output)."""
+    for row in emb:
+        yield json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n"
+
+
 def write_output(path: str, emb: np.ndarray) -> None:
     """Write beside path, then rename over it: a failed write leaves the old file (if any) as it was."""
     target = Path(path)
@@ -41,8 +47,7 @@ def write_output(path: str, emb: np.ndarray) -> None:
             if path.endswith(".npy"):
                 np.save(f, emb)
             else:
-                for row in emb:
-                    f.write((json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n").encode())
+                f.writelines(line.encode() for line in json_lines(emb))
         os.chmod(name, 0o644)
         os.replace(name, target)
     except BaseException:
@@ -63,8 +68,7 @@ def _encode(args) -> None:
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
               f"(variant {bundle.variant} on {bundle.device})", file=sys.stderr)
         return
-    for row in emb:
-        sys.stdout.write(json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n")
+    sys.stdout.writelines(json_lines(emb))
 
 
 def _inspect(args) -> None:

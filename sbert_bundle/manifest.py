@@ -68,10 +68,7 @@ def write_manifest(root: Path, fields: dict) -> dict:
     if not _SEMVER.match(str(version)):
         raise ValueError(f"bundle version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
     manifest = {"schema_version": MANIFEST_SCHEMA, **fields, "files": describe_files(root)}
-    for name, variant in manifest.get("variants", {}).items():
-        if variant["file"] not in manifest["files"]:
-            raise ValueError(f"variant {name!r} points at {variant['file']}, which is not in the bundle")
-    problems = manifest_problems(manifest)  # write nothing that read_manifest would refuse
+    problems = manifest_problems(manifest)  # write nothing that read_manifest would refuse (variant files too)
     if problems:
         raise ValueError(f"manifest for {root} is not valid: {summarize(problems)}")
     (Path(root) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path, PurePath
@@ -26,6 +27,14 @@ log = logging.getLogger("stages")
 
 class StageError(RuntimeError):
     """A failure the user can act on; the message names the file or value at fault."""
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    """git's standard output (as printed: porcelain formats keep their leading spaces); StageError on failure."""
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise StageError(f"git {' '.join(args)} failed in {cwd}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict:

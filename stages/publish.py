@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from sbert_bundle.archive import extract_bundle
 from sbert_bundle.bundle import Bundle, read_sealed_report
 from sbert_bundle.manifest import IntegrityError, sha256_file
 
-from .common import ARTIFACTS, StageError, load_params, row_cosines, stage_main
+from .common import ARTIFACTS, StageError, git, load_params, row_cosines, stage_main
 from .verify import load_corpus
 
 log = logging.getLogger("stages.publish")
@@ -51,18 +50,11 @@ def release_archive(repo: Path, model: dict) -> Path:
     return repo / ARTIFACTS / "release" / f"{model['name']}-{model['version']}.tar.gz"
 
 
-def _git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode:
-        raise StageError(f"git {' '.join(args)} failed in {repo}: {result.stderr.strip()}")
-    return result.stdout
-
-
 def check_clean(repo: Path) -> None:
     """A published version names one commit: nothing uncommitted, and what DVC built is what dvc.lock says."""
     from dvc.repo import Repo
 
-    changed = [line[3:] for line in _git(repo, "status", "--porcelain").splitlines()]
+    changed = [line[3:] for line in git("status", "--porcelain", cwd=repo).splitlines()]
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise StageError(f"git has uncommitted changes ({', '.join(changed[:3])}{more}): commit them first, so that "
@@ -185,7 +177,7 @@ def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = Fal
         with tempfile.TemporaryDirectory(prefix="sbert-publish-") as work:
             try:
                 old = download(str(repo), latest, Path(work))
-            except (RegistryError, Exception) as e:  # noqa: BLE001 - DVC's and the integrity check's own types
+            except Exception as e:  # noqa: BLE001 - RegistryError, IntegrityError, DVC's own types
                 raise StageError(f"cannot pull the latest published {name}@{latest.version} to compare with: "
                                  f"{e}") from None
             sentences = load_corpus(Path(cfg["corpus"]) if Path(cfg["corpus"]).is_absolute()
@@ -215,7 +207,7 @@ def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = Fal
         gto.assign(str(repo), name, stage, version=tag_version)
         tags.append(f"{name}#{stage}")
     if git_push:
-        _git(repo, "push", "origin", "--tags")
+        git("push", "origin", "--tags", cwd=repo)
     return {"name": name, "version": tag_version, "sha256": digest, "published": True, "changelog": changelog,
             "tags": tags}
 

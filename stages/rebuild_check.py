@@ -35,7 +35,7 @@ import yaml
 
 from sbert_bundle.manifest import sha256_file
 
-from .common import REPO, StageError, stage_main
+from .common import REPO, StageError, git, stage_main
 from .package import LOCK_NAME, lock_drift, lock_pins
 
 log = logging.getLogger("stages.rebuild_check")
@@ -128,13 +128,6 @@ def release_report(archive: Path, report_name: str) -> bytes | None:
     return None
 
 
-def git(*args: str, cwd: Path = REPO) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if done.returncode:
-        raise StageError(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 def environment() -> dict:
     """This environment's python and dvc first on PATH, for the stage commands in the clone."""
     env = dict(os.environ)
@@ -145,7 +138,7 @@ def environment() -> dict:
 
 def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
     """Clone REPO at rev into work/src and run dvc repro; (clone, committed dvc.lock, repro passed)."""
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
     clone = work / "src"
     git("clone", "--quiet", "--no-checkout", str(REPO), str(clone))
     git("checkout", "--quiet", "--detach", commit, cwd=clone)
