@@ -201,10 +201,20 @@ def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = Fal
         raise StageError(f"after dvc push the remote still lacks {sorted(missing)}; no version tag was created")
     log.info("pushed %s file(s) to the DVC remote; it holds the release", pushed)
     message = tag_message(name, tag_version, digest, archive.relative_to(repo).as_posix(), changelog)
-    gto.register(str(repo), name, ref="HEAD", version=tag_version, message=message)
+    try:
+        gto.register(str(repo), name, ref="HEAD", version=tag_version, message=message)
+    except Exception as e:  # noqa: BLE001 - gto / scmrepo / git raise their own types
+        raise StageError(f"the release is in the remote, but tagging {name}@{tag_version} failed ({type(e).__name__}: "
+                         f"{e}); fix that (a git identity: git config user.name / user.email) and run publish "
+                         "again") from None
     tags = [f"{name}@{tag_version}"]
     if stage:
-        gto.assign(str(repo), name, stage, version=tag_version)
+        try:
+            gto.assign(str(repo), name, stage, version=tag_version)
+        except Exception as e:  # noqa: BLE001
+            raise StageError(f"{name}@{tag_version} is published, but assigning stage {stage!r} failed "
+                             f"({type(e).__name__}: {e}); assign it with: gto assign {name} --version "
+                             f"{tag_version} --stage {stage}") from None
         tags.append(f"{name}#{stage}")
     if git_push:
         git("push", "origin", "--tags", cwd=repo)

@@ -358,3 +358,20 @@ def test_publish_to_s3_and_pull_from_it(tmp_path, releases, s3_server, monkeypat
     published, out = pull(str(producer.root), "tiny-model@v1.0.0", tmp_path / "pulled")
     assert published.sha256 == digest
     assert Bundle.load(out).encode("a cat").shape == (32,)
+
+
+def test_a_tag_that_cannot_be_created_is_one_line_and_publish_can_be_rerun(producer, releases, monkeypatch):
+    import gto.api
+
+    producer.build(releases["a"])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no git identity")
+
+    monkeypatch.setattr(gto.api, "register", refuse)
+    with pytest.raises(StageError, match=r"the release is in the remote, but tagging tiny-model@v1.0.0 failed "
+                                         r"\(RuntimeError: no git identity\)"):
+        producer.publish()
+    assert producer.tags() == []
+    monkeypatch.undo()
+    assert producer.publish()["published"] and producer.tags() == ["tiny-model@v1.0.0"]
