@@ -146,7 +146,7 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
         report = read_json(int8_report)
         variants["int8"]["quantization"] = {k: report.get(k) for k in (
             "method", "per_channel", "weight_type", "smoothed", "smoothing_alpha", "outlier_channels",
-            "excluded_nodes", "calibration")}
+            "weight_only", "excluded_nodes", "calibration") if k in report}
     trt_report = artifacts / "trt" / "build.json"
     if trt_report.is_file():
         for plan in read_json(trt_report).get("plans", []):
