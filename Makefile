@@ -42,9 +42,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Publish the sealed release (after `make repro`, on a clean, committed tree): push it to the
-# DVC remote, then tag the version (GTO); STAGE=prod also assigns a stage.
+# DVC remote, then tag the version (GTO); STAGE=prod also assigns a stage. With several models
+# in params.yaml, MODEL=<key> names the one to publish.
 publish: $(STAMP)
-	$(BIN)/python -m stages.publish $(if $(STAGE),--stage $(STAGE))
+	$(BIN)/python -m stages.publish $(if $(MODEL),--model $(MODEL)) $(if $(STAGE),--stage $(STAGE))
 
 # sentence-transformers' own ONNX backend (5.x + optimum) in its own venv, for
 # tests/test_st_onnx_backend.py: the bundle must load there too. Not locked: it only loads
@@ -58,10 +59,11 @@ compat: .venv-st5/.installed-stamp
 	touch $@
 
 # Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock
-# (and with a published archive: ARCHIVE=path/to/name-version.tar.gz).
+# (and with a published archive: ARCHIVE=path/to/name-version.tar.gz; MODEL=<key> names its model
+# where REV builds several).
 REV ?= HEAD
 rebuild-check: $(STAMP)
-	$(BIN)/python -m stages.rebuild_check $(REV) $(if $(ARCHIVE),--archive $(ARCHIVE))
+	$(BIN)/python -m stages.rebuild_check $(REV) $(if $(MODEL),--model $(MODEL)) $(if $(ARCHIVE),--archive $(ARCHIVE))
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -q --benchmark-autosave

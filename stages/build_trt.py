@@ -2,10 +2,10 @@
 
 Precision comes from the graph, not from builder flags: the network is strongly typed (the
 only mode TensorRT 11 has; FP16 builder flags and per-layer precision are gone there). An
-fp16 plan is built from artifacts/fp16/model_fp16.onnx, the onnxconverter-common graph that
+fp16 plan is built from artifacts/<model>/fp16/model_fp16.onnx, the onnxconverter-common graph that
 already passed the fp16 parity gate with conf/fp16's ops kept in fp32; an fp32 plan from
-artifacts/onnx/model.onnx with TF32 off. (The fused graphs hold onnxruntime-only ops that
-TensorRT does not parse.) Writes artifacts/trt/:
+artifacts/<model>/onnx/model.onnx with TF32 off. (The fused graphs hold onnxruntime-only ops that
+TensorRT does not parse.) Writes artifacts/<model>/trt/:
   <variant>.plan   one plan holding every optimization profile of conf/trt/profiles
   build.json       plans with their metadata (TensorRT version, GPU, compute capability,
                    profiles, flags), or `skipped` with the reason when TensorRT or a GPU is absent
@@ -22,12 +22,10 @@ import re
 import time
 from pathlib import Path
 
-from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
+from .common import StageError, atomic_dir, atomic_file, load_model, stage_main, write_json
 
 log = logging.getLogger("stages.build_trt")
-GRAPHS = {"fp16": ARTIFACTS / "fp16" / "model_fp16.onnx", "fp32": ARTIFACTS / "onnx" / "model.onnx"}
-SPLIT = ARTIFACTS / "split"
-OUT = ARTIFACTS / "trt"
+GRAPHS = {"fp16": Path("fp16") / "model_fp16.onnx", "fp32": Path("onnx") / "model.onnx"}  # under artifacts/<model>/
 HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
 
@@ -192,10 +190,11 @@ def main() -> None:
     def body(args):
         from sbert_bundle.head import load_head
 
-        cfg = load_params(args.params)["trt"]
-        with atomic_dir(OUT) as tmp:
+        _, params, art = load_model(args)
+        cfg = {**params["trt"], "timing_cache": str(art / params["trt"]["timing_cache"])}
+        with atomic_dir(art / "trt") as tmp:
             graph = GRAPHS.get(cfg["precision"])  # None: run() refuses the precision before reading it
-            run(cfg, graph, tmp, load_head(SPLIT / "modules").max_seq_length)
+            run(cfg, graph and art / graph, tmp, load_head(art / "split" / "modules").max_seq_length)
 
     stage_main(__doc__, body)
 

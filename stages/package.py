@@ -1,6 +1,6 @@
 """Stage `package`: assemble the self-contained bundle and its archive.
 
-Writes artifacts/bundle/ and artifacts/bundle.tar.gz:
+Writes artifacts/<model>/bundle/ and artifacts/<model>/bundle.tar.gz:
   manifest.json                      schema in sbert_bundle.manifest
   head.json, head/                   Pooling / Dense / Normalize for sbert_bundle
   tokenizer.json, config.json, …     tokenizer and model config
@@ -33,13 +33,10 @@ from pathlib import Path
 from sbert_bundle.head import load_head
 from sbert_bundle.manifest import write_manifest
 
-from .common import (ARTIFACTS, REPO, StageError, atomic_outputs, load_params, params_digest, read_json,
-                     stage_main)
+from .common import REPO, StageError, atomic_outputs, load_model, params_digest, read_json, stage_main
 from .split import WEIGHT_FILES
 
 log = logging.getLogger("stages.package")
-OUT = ARTIFACTS / "bundle"
-ARCHIVE = ARTIFACTS / "bundle.tar.gz"
 # Params sections that decide the bundle's content (verify's do not).
 BUILD_SECTIONS = ("model", "fetch", "export", "fp16", "quantize", "trt", "package")
 # variant name -> (artifact, path in the bundle, description)
@@ -156,7 +153,7 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
             variants[plan["name"]] = {"file": dest, "backend": "tensorrt", "precision": plan["precision"],
                                       "fused": True, "devices": ["cuda"], "tensorrt": plan["metadata"]}
     if "fp32" not in variants:
-        raise StageError("the bundle needs the fp32 variant (artifacts/onnx/model.onnx); it is missing")
+        raise StageError("the bundle needs the fp32 variant (artifacts/<model>/onnx/model.onnx); it is missing")
     return variants
 
 
@@ -241,10 +238,10 @@ def archive(bundle: Path, dest: Path, level: int, extra: dict[str, Path] | None 
 
 def main() -> None:
     def body(args):
-        params = load_params(args.params)
+        _, params, art = load_model(args)
         # bundle/ and bundle.tar.gz are replaced together: never one from this run beside one from another
-        with atomic_outputs(folders=[OUT], files=[ARCHIVE]) as (tmp, tmp_archive):
-            manifest = run(params, ARTIFACTS, tmp)
+        with atomic_outputs(folders=[art / "bundle"], files=[art / "bundle.tar.gz"]) as (tmp, tmp_archive):
+            manifest = run(params, art, tmp)
             archive(tmp, tmp_archive, params["package"]["compresslevel"])
         log.info("bundle %s %s: variants %s, %d files", manifest["name"], manifest["version"],
                  sorted(manifest["variants"]), len(manifest["files"]))

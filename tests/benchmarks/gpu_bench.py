@@ -84,9 +84,9 @@ def targets(by: dict, shapes: list, e2e_ratio: float) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle")
-    parser.add_argument("--transformer", type=Path, default=REPO / "artifacts" / "split" / "transformer")
-    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "source" / "model")
+    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "minilm_l6" / "bundle")
+    parser.add_argument("--transformer", type=Path, default=REPO / "artifacts" / "minilm_l6" / "split" / "transformer")
+    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "minilm_l6" / "source" / "model")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--sentences", type=int, default=20000)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
