@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 # Where pip (through its config) and `make lock` find the torch CPU wheel.
 FIND_LINKS ?= /opt/wheels
 
-.PHONY: install lock repro test publish compat bench rebuild-check clean
+.PHONY: install lock repro matrix test publish compat bench rebuild-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ lock: | $(BIN)/python
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+	$(BIN)/python -m stages.report
+
+# The build matrix on Ray (every model of params.yaml, build_trt per GPU target): a local Ray,
+# or the cluster at RAY_ADDRESS. See README "Many models and GPU targets".
+matrix: $(STAMP)
+	$(BIN)/python -m stages.matrix $(if $(MODELS),--models $(MODELS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

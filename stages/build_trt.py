@@ -10,7 +10,8 @@ TensorRT does not parse.) Writes artifacts/<model>/trt/:
   build.json       plans with their metadata (TensorRT version, GPU, compute capability,
                    profiles, flags), or `skipped` with the reason when TensorRT or a GPU is absent
 The timing cache (trt.timing_cache) is read before and written after each build, so
-rebuilds reuse measured tactics; DVC keeps it between runs (persist).
+rebuilds on this machine reuse measured tactics (artifacts/<model>/, not a DVC output: a persistent
+output would turn off the DVC run-cache through which `make matrix` brings plans back from Ray workers).
 
 Where TensorRT exists:  pip install tensorrt-cu13 (or -cu12), then `dvc repro build_trt`.
 """
