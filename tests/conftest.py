@@ -113,6 +113,11 @@ def params(raw_params) -> dict:
     return model_params(raw_params, model_keys(raw_params)[0])
 
 
+def as_params_file(p: dict, key: str = "tiny") -> dict:
+    """One model's params (the `params` fixture's shape) as params.yaml holds them: `model` maps key to it."""
+    return {**p, "model": {key: {**p["model"], "overrides": {}}}}
+
+
 def fast_params(params: dict) -> dict:
     """Default params with smaller validation / speed settings for tiny models."""
     p = copy.deepcopy(params)
