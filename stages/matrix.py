@@ -11,7 +11,8 @@ decides where each cell runs. Tasks:
   - one per model for the rest (matrix.final_stage and what it needs: package, verify, release),
     after that model's build_trt cells; without targets a model is one task.
 A worker clones the driver's commit (matrix.git_url, default this folder), runs its cells with
-`dvc repro --pull` (restoring upstream cells that other workers pushed) and `dvc push --run-cache`.
+`dvc repro --pull` (restoring upstream cells that other workers pushed) and
+`dvc push --run-cache --with-deps` (the run-cache, and the outputs of its cells and their upstream).
 The driver then runs `dvc repro --pull` on the cells that succeeded: DVC restores them from the
 remote's run-cache instead of recomputing, and dvc.lock stays the single record.
 Without RAY_ADDRESS a local Ray starts (no set-up); with it the driver joins that cluster.
@@ -156,7 +157,7 @@ def work_on(job: dict) -> dict:
         git("checkout", "--quiet", "--detach", job["commit"], cwd=clone)
         for args in (["remote", "add", "--local", "--force", "--default", "matrix", job["remote_url"]],
                      ["repro", "--pull", *job["cells"]],
-                     ["push", "--run-cache", *job["cells"]]):
+                     ["push", "--run-cache", "--with-deps", *job["cells"]]):
             done = _dvc(args, clone, env)
             if done.returncode:
                 lines = (done.stdout + done.stderr).strip().splitlines()

@@ -67,36 +67,40 @@ out.mkdir(parents=True)
 
 
 def dvc_yaml(targets: list[str]) -> str:
-    return f"""
-stages:
-  fetch:
-    foreach: ${{model}}
-    do:
-      cmd: python -m stages.fetch --model ${{key}}
-      deps: [cells/trt_cell.py]
-      params: ["model.${{key}}.source", fetch]
-      outs: ["artifacts/${{key}}/source"]
-  split:
-    foreach: ${{model}}
-    do:
-      cmd: python -m stages.split --model ${{key}}
-      deps: ["artifacts/${{key}}/source"]
-      outs: ["artifacts/${{key}}/split"]
+    """The pipeline's shape: cells per model, build_trt per (model, target) when there are targets."""
+    trt = """
   build_trt:
     matrix:
-      model: ${{model}}
-      target: ${{trt.targets}}
-    cmd: python cells/trt_cell.py ${{item.model}} ${{item.target}}
-    deps: [cells/trt_cell.py, "artifacts/${{item.model}}/split"]
-    params: ["trt.targets.${{item.target}}"]
-    outs: ["artifacts/${{item.model}}/trt/${{item.target}}"]
-  release:
-    foreach: ${{model}}
+      model: ${model}
+      target: ${trt.targets}
+    cmd: python cells/trt_cell.py ${item.model} ${item.target}
+    deps: [cells/trt_cell.py, "artifacts/${item.model}/split"]
+    params: ["trt.targets.${item.target}"]
+    outs: ["artifacts/${item.model}/trt/${item.target}"]
+""" if targets else ""
+    return """
+stages:
+  fetch:
+    foreach: ${model}
     do:
-      cmd: python cells/release_cell.py ${{key}}
-      deps: [cells/release_cell.py, "artifacts/${{key}}/trt"]
-      outs: ["artifacts/${{key}}/release"]
-"""
+      cmd: python -m stages.fetch --model ${key}
+      deps: [cells/trt_cell.py]
+      params: ["model.${key}.source", fetch]
+      outs: ["artifacts/${key}/source"]
+  split:
+    foreach: ${model}
+    do:
+      cmd: python -m stages.split --model ${key}
+      deps: ["artifacts/${key}/source"]
+      outs: ["artifacts/${key}/split"]
+""" + trt + """
+  release:
+    foreach: ${model}
+    do:
+      cmd: python cells/release_cell.py ${key}
+      deps: [cells/release_cell.py, "artifacts/${key}/TRT"]
+      outs: ["artifacts/${key}/release"]
+""".replace("TRT", "trt" if targets else "split")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -137,10 +141,8 @@ def ray_cluster():
         cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def producer(tmp_path_factory):
-    """A git + DVC repository building two tiny models for two GPU targets, and its shared folders."""
-    root = tmp_path_factory.mktemp("matrix")
+def make_repo(root: Path, targets: dict, matrix: dict) -> dict:
+    """A git + DVC repository building two tiny models (and GPU targets), and its shared folders."""
     repo, remote, work = root / "repo", root / "remote", root / "work"
     for d in (repo / "cells", remote, work, root / "kill"):
         d.mkdir(parents=True)
@@ -155,11 +157,17 @@ def producer(tmp_path_factory):
                                                 .replace("{kill}", str(root / "kill")))
     (repo / "cells" / "release_cell.py").write_text(RELEASE_CELL)
     (repo / ".gitignore").write_text("/artifacts/\n")
-    write_params(repo, models, {"h100": {"resource": "gpu_h100"}, "l4": {"resource": "gpu_l4"}},
-                 {"cpu_stages": ["fetch", "split"], "max_retries": 2, "resource_wait_s": 5, "work_dir": str(work)})
+    write_params(repo, models, targets, {**matrix, "work_dir": str(work)})
     git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "two tiny models, two targets")
+    git(repo, "commit", "-q", "-m", "two tiny models")
     return {"repo": repo, "root": root, "models": models, "log": root / "cells.log", "kill": root / "kill"}
+
+
+@pytest.fixture(scope="module")
+def producer(tmp_path_factory):
+    """Two tiny models, two GPU targets."""
+    return make_repo(tmp_path_factory.mktemp("matrix"), {"h100": {"resource": "gpu_h100"}, "l4": {"resource": "gpu_l4"}},
+                     {"cpu_stages": ["fetch", "split"], "max_retries": 2, "resource_wait_s": 5})
 
 
 def run_matrix(producer, ray_cluster) -> subprocess.CompletedProcess:
@@ -263,3 +271,19 @@ def test_repro_of_two_models_rebuilds_only_the_model_whose_params_changed(tmp_pa
     # split@b is skipped); nothing of model a runs
     assert ran == ["Running stage 'fetch@b':", "Running stage 'export_onnx@b':"], second.stdout
     assert "Stage 'split@b' didn't change, skipping" in second.stdout
+
+
+def test_without_ray_address_a_local_ray_builds_every_model(tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional extra [cluster]: pip install 'sbert-bundle[cluster]'")
+    made = make_repo(tmp_path, {}, {})
+    repo = made["repo"]
+    done = subprocess.run([sys.executable, "-m", "stages.matrix"], cwd=repo, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no RAY_ADDRESS: starting a local Ray" in done.stderr
+    cells = json.loads((repo / "artifacts" / "matrix" / "cells.json").read_text())
+    assert cells["ray"] == "local"
+    assert {t["name"]: t["state"] for t in cells["tasks"]} == {"model@a": "done", "model@b": "done"}
+    assert cells["driver"]["ran"] == [] and set(cells["driver"]["restored"]) == {
+        f"{s}@{m}" for s in ("fetch", "split", "release") for m in "ab"}
+    assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
