@@ -148,8 +148,7 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets:
         variants["int8"]["quantization"] = {k: report.get(k) for k in (
             "method", "per_channel", "weight_type", "smoothed", "smoothing_alpha", "outlier_channels",
             "excluded_nodes", "calibration")}
-    for plan_variant in trt_plans(trt_targets, artifacts / "trt", bundle):
-        variants.update(plan_variant)
+    variants.update(trt_plans(trt_targets, artifacts / "trt", bundle))
     if "fp32" not in variants:
         raise StageError("the bundle needs the fp32 variant (artifacts/onnx/model.onnx); it is missing")
     return variants
@@ -174,9 +173,14 @@ def trt_records(trt_targets: dict, trt_dir: Path) -> dict[str, dict]:
     return records
 
 
-def trt_plans(trt_targets: dict, trt_dir: Path, bundle: Path) -> list[dict]:
-    """Each built plan copied to bundle/trt/<target>/, as a variant {trt-<precision>-<target>: ...}."""
-    found = []
+def plan_variant_name(plan: dict, target: str) -> str:
+    """A plan's variant name in the bundle: trt-<precision>-<target> (one plan per target)."""
+    return f"trt-{plan['precision']}-{target}"
+
+
+def trt_plans(trt_targets: dict, trt_dir: Path, bundle: Path) -> dict[str, dict]:
+    """Each built plan copied to bundle/trt/<target>/: {variant name: manifest entry}."""
+    found = {}
     for name, record in trt_records(trt_targets, trt_dir).items():
         for plan in record.get("plans", []):
             if not isinstance(plan.get("file"), str) or Path(plan["file"]).name != plan["file"]:
@@ -188,10 +192,10 @@ def trt_plans(trt_targets: dict, trt_dir: Path, bundle: Path) -> list[dict]:
             dest = f"trt/{name}/{plan['file']}"
             (bundle / dest).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(trt_dir / name / plan["file"], bundle / dest)
-            found.append({f"trt-{plan['precision']}-{name}": {
+            found[plan_variant_name(plan, name)] = {
                 "file": dest, "backend": "tensorrt", "precision": plan["precision"], "fused": True,
                 "devices": ["cuda"], "target": name, "compute_capability": capability,
-                "tensorrt": plan["metadata"]}})
+                "tensorrt": plan["metadata"]}
     return found
 
 
@@ -199,7 +203,7 @@ def trt_summary(trt_targets: dict, trt_dir: Path) -> dict:
     """Per GPU target: built or skipped, and why (shown by `sbert-bundle inspect`)."""
     return {"targets": {
         name: {"compute_capability": r["compute_capability"], "skipped": r.get("skipped", False),
-               "reason": r.get("reason"), "plans": [f"trt-{p['precision']}-{name}" for p in r.get("plans", [])]}
+               "reason": r.get("reason"), "plans": [plan_variant_name(p, name) for p in r.get("plans", [])]}
         for name, r in trt_records(trt_targets, trt_dir).items()}}
 
 
