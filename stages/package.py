@@ -156,13 +156,14 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets:
 
 def trt_records(trt_targets: dict, trt_dir: Path) -> dict[str, dict]:
     """artifacts/trt/<target>/build.json of every configured GPU target ({target: record}); a
-    target build_trt has not run for is recorded as skipped, saying so."""
+    target build_trt has not run for is recorded as skipped, saying so (no path: the manifest is
+    the same wherever the artifacts are)."""
     records = {}
     for name, spec in (trt_targets or {}).items():
         path = trt_dir / name / "build.json"
         if not path.is_file():
             records[name] = {"target": name, "compute_capability": spec["compute_capability"], "skipped": True,
-                             "reason": f"build_trt has not run for target {name} ({path} not found)", "plans": []}
+                             "reason": f"build_trt has not run for target {name}", "plans": []}
             continue
         record = read_json(path, "TensorRT build record")
         if record.get("target") != name or record.get("compute_capability") != spec["compute_capability"]:
