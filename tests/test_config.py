@@ -90,7 +90,15 @@ def resolve(path: str, params: dict, key: str) -> str:
     return re.sub(r"\$\{([\w.]+)\}", lambda m: str(_lookup(params, m.group(1))), path)
 
 
-@pytest.mark.parametrize("name", list(DVC["stages"]))
+PER_MODEL = [n for n in DVC["stages"] if n != "build_trt"]
+
+
+def cell_body(name: str) -> dict:
+    stage = DVC["stages"][name]
+    return stage.get("do", stage)
+
+
+@pytest.mark.parametrize("name", PER_MODEL)
 def test_stage_is_one_cell_per_model_and_lists_its_module_and_real_params(name, raw_params):
     stage = DVC["stages"][name]
     assert stage.get("foreach") == "${model}", f"{name} must be one cell per model (foreach: ${{model}})"
@@ -109,11 +117,34 @@ def test_stage_is_one_cell_per_model_and_lists_its_module_and_real_params(name, 
             assert out.startswith(f"artifacts/{key}/"), f"{name}@{key} writes {out} outside artifacts/{key}/"
 
 
+def test_build_trt_is_one_cell_per_model_and_gpu_target(raw_params):
+    stage = DVC["stages"]["build_trt"]
+    assert stage["matrix"] == {"model": "${model}", "target": "${trt.targets}"}
+    assert stage["cmd"] == "python -m stages.build_trt --model ${item.model} --target ${item.target}"
+    assert "stages/build_trt.py" in stage["deps"]
+    assert raw_params["trt"]["targets"], "conf/trt names no GPU target"
+    read = {p.split(".")[1] for p in stage["params"] if p.startswith("trt.")}
+    assert read == set(raw_params["trt"]) - {"targets"} | {"targets"}, "build_trt must list every trt key it reads"
+    for model in raw_params["model"]:
+        for target in raw_params["trt"]["targets"]:
+            fill = {"${item.model}": model, "${item.target}": target}
+            for param in stage["params"]:
+                for k, v in fill.items():
+                    param = param.replace(k, v)
+                _lookup(raw_params, param)
+            (out,) = stage["outs"]
+            for k, v in fill.items():
+                out = out.replace(k, v)
+            assert out == f"artifacts/{model}/trt/{target}"
+    assert "artifacts/${key}/trt" in DVC["stages"]["package"]["do"]["deps"]  # every target's cell, through the folder
+
+
 def test_cells_reading_an_overridable_section_depend_on_the_models_overrides():
-    for name, stage in DVC["stages"].items():
-        params = stage["do"].get("params", [])
-        if any(p.split(".")[0] in STAGE_SECTIONS for p in params) and "model.${key}" not in params:
-            assert "model.${key}.overrides" in params, name
+    for name in DVC["stages"]:
+        params = cell_body(name).get("params", [])
+        if any(p.split(".")[0] in STAGE_SECTIONS for p in params) and not any(
+                p in ("model.${key}", "model.${item.model}") for p in params):
+            assert "model.${key}.overrides" in params or "model.${item.model}.overrides" in params, name
 
 
 def test_release_path_is_the_release_stage_output(raw_params):
@@ -123,8 +154,7 @@ def test_release_path_is_the_release_stage_output(raw_params):
 
 
 def test_only_verify_reads_verify_params():
-    readers = [n for n, s in DVC["stages"].items()
-               if any(p.split(".")[0] == "verify" for p in s["do"].get("params", []))]
+    readers = [n for n in DVC["stages"] if any(p.split(".")[0] == "verify" for p in cell_body(n).get("params", []))]
     assert readers == ["verify"]
 
 

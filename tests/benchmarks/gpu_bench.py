@@ -128,9 +128,9 @@ def main() -> None:
 
     placed = {n: pick_device(v) for n, v in manifest["variants"].items() if v["backend"] == "tensorrt"}
     for name, (device, why) in placed.items():
-        if device is None:
+        if device is None or why:  # not here, or another GPU target's plan (runs only when named)
             print(f"TensorRT plan {name} skipped: {why}")
-    trt_plans = [n for n, (device, _) in placed.items() if device is not None]
+    trt_plans = [n for n, (device, why) in placed.items() if device is not None and not why]  # this GPU's target
     if trt_plans and args.device == "cuda":
         bundle = Bundle.load(args.bundle, variant=trt_plans[0])
         for shape in shapes:
