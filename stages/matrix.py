@@ -53,6 +53,8 @@ class Task:
     cells: list[str]                  # dvc repro targets
     resources: dict = field(default_factory=dict)
     cpus: float = 1
+    gpus: float = 0
+    collect: list[str] = field(default_factory=list)   # files (not DVC outputs) to bring back: verify's speed
     after: list[str] = field(default_factory=list)   # task names that must be done first
     target: str | None = None
     state: str = "pending"
@@ -87,14 +89,17 @@ def plan(params: dict, models: list[str] | None = None) -> list[Task]:
     for key in keys:
         targets = targets_of(model_params(params, key))
         final = f"{cfg['final_stage']}@{key}"
+        speed = [f"artifacts/{key}/verify/speed.json"]  # measured where verify ran; not a DVC output
         if not targets:
-            tasks.append(Task(f"model@{key}", key, [final], cpus=cfg["cpus"]))
+            tasks.append(Task(f"model@{key}", key, [final], cpus=cfg["cpus"], collect=speed))
             continue
         cpu = Task(f"cpu@{key}", key, [f"{s}@{key}" for s in cfg["cpu_stages"]], cpus=cfg["cpus"])
         trt = [Task(f"{cfg['target_stage']}@{key}-{t}", key, [f"{cfg['target_stage']}@{key}-{t}"],
-                    resources={spec["resource"]: 1}, cpus=cfg["target_cpus"], after=[cpu.name], target=t)
+                    resources={spec["resource"]: 1}, cpus=cfg["target_cpus"], gpus=cfg["target_gpus"],
+                    after=[cpu.name], target=t)
                for t, spec in targets.items()]
-        tasks += [cpu, *trt, Task(f"final@{key}", key, [final], cpus=cfg["cpus"], after=[t.name for t in trt])]
+        tasks += [cpu, *trt, Task(f"final@{key}", key, [final], cpus=cfg["cpus"], after=[t.name for t in trt],
+                                  collect=speed)]
     return tasks
 
 
@@ -166,7 +171,9 @@ def work_on(job: dict) -> dict:
                                  + "\n".join(lines[-15:]))
             if args[0] == "repro":
                 restored, ran = stage_outcomes(done.stdout + done.stderr)
-        return {**where, "seconds": round(time.monotonic() - start, 1), "restored": restored, "ran": ran}
+        collected = {rel: (clone / rel).read_text() for rel in job.get("collect", []) if (clone / rel).is_file()}
+        return {**where, "seconds": round(time.monotonic() - start, 1), "restored": restored, "ran": ran,
+                "collected": collected}
     finally:
         shutil.rmtree(clone, ignore_errors=True)
 
@@ -180,6 +187,7 @@ class Matrix:
         self.ray, self.tasks, self.job, self.cfg = ray, {t.name: t for t in tasks}, job, cfg
         self.strict, self.echo = strict_resources, echo
         self.refs: dict = {}          # ObjectRef -> task name
+        self.collected: dict[str, str] = {}   # repository-relative path -> text, from the workers
         self.waiting_since: dict[str, float] = {}
         self.remote = ray.remote(_ray_entry)
         self.tracker = _tracker_class(ray).options(num_cpus=0).remote()
@@ -197,8 +205,8 @@ class Matrix:
             log.info("%s: no local node offers %s; it runs on this machine (no cluster: build_trt records the "
                      "target skipped here, as `dvc repro` does)", task.name, missing)
             task.resources = {}
-        job = {**self.job, "name": task.name, "cells": task.cells, "tracker": self.tracker}
-        ref = self.remote.options(num_cpus=task.cpus, resources=task.resources or None,
+        job = {**self.job, "name": task.name, "cells": task.cells, "tracker": self.tracker, "collect": task.collect}
+        ref = self.remote.options(num_cpus=task.cpus, num_gpus=task.gpus, resources=task.resources or None,
                                   max_retries=self.cfg["max_retries"], retry_exceptions=False,
                                   name=task.name).remote(job)
         self.refs[ref] = task.name
@@ -231,6 +239,7 @@ class Matrix:
                     task.state = "done"
                     task.node_id, task.node_ip = result["node_id"], result["node_ip"]
                     task.seconds, task.restored, task.ran = result["seconds"], result["restored"], result["ran"]
+                    self.collected.update(result.get("collected", {}))
                     self.echo(f"done {task.name} on {task.node_ip} in {task.seconds}s")
                     for other in self.tasks.values():
                         if other.state == "pending" and other.after and other.name not in self.refs.values() \
@@ -337,10 +346,15 @@ def run(repo: Path, params: dict, models: list[str] | None = None, echo=print) -
     ray, strict = connect(cfg)
     start = time.monotonic()
     try:
-        done = Matrix(tasks, job, cfg, strict, echo).run()
+        matrix = Matrix(tasks, job, cfg, strict, echo)
+        done = matrix.run()
     finally:
         ray.shutdown()
     restored, ran, _ = finish(repo, done, environment())
+    for rel, text in matrix.collected.items():  # verify's speed, measured on the worker that ran verify
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(repo / rel) as tmp:
+            tmp.write_text(text)
     if ran:
         log.warning("the driver computed %s itself: the remote's run-cache did not have them", ", ".join(ran))
     record = {"commit": commit, "ray": os.environ.get("RAY_ADDRESS") or "local", "seconds":

@@ -31,6 +31,9 @@ def test_plan_with_targets_asks_each_build_trt_cell_for_its_targets_resource():
     assert tasks["build_trt@mpnet_base-l4"].after == ["cpu@mpnet_base"]
     assert tasks["final@mpnet_base"].after == ["build_trt@mpnet_base-h100", "build_trt@mpnet_base-l4"]
     assert tasks["final@mpnet_base"].cells == ["release@mpnet_base"]
+    # verify's speed is not a DVC output: the task that runs verify brings it back to the driver
+    assert tasks["final@mpnet_base"].collect == ["artifacts/mpnet_base/verify/speed.json"]
+    assert tasks["cpu@mpnet_base"].collect == []
 
 
 def test_plan_errors_name_the_value():
