@@ -199,12 +199,16 @@ class Matrix:
     def _offered(self) -> set[str]:
         return {r for node in self.ray.nodes() if node.get("Alive") for r in node.get("Resources", {})}
 
+    @staticmethod
+    def _needs(task: Task) -> list[str]:
+        return [*task.resources, *(["GPU"] if task.gpus else [])]
+
     def _submit(self, task: Task) -> None:
-        missing = [r for r in task.resources if r not in self._offered()]
+        missing = [r for r in self._needs(task) if r not in self._offered()]
         if missing and not self.strict:
             log.info("%s: no local node offers %s; it runs on this machine (no cluster: build_trt records the "
                      "target skipped here, as `dvc repro` does)", task.name, missing)
-            task.resources = {}
+            task.resources, task.gpus = {}, 0
         job = {**self.job, "name": task.name, "cells": task.cells, "tracker": self.tracker, "collect": task.collect}
         ref = self.remote.options(num_cpus=task.cpus, num_gpus=task.gpus, resources=task.resources or None,
                                   max_retries=self.cfg["max_retries"], retry_exceptions=False,
@@ -260,10 +264,10 @@ class Matrix:
                 self.echo(f"running {name} on {where['node_ip']}")
         for ref, name in list(self.refs.items()):
             task = self.tasks[name]
-            if task.state != "pending" or not task.resources:
+            if task.state != "pending" or not self._needs(task):
                 continue
             offered = self._offered()
-            missing = sorted(r for r in task.resources if r not in offered)
+            missing = sorted(r for r in self._needs(task) if r not in offered)
             if not missing:
                 self.waiting_since[name] = time.monotonic()
                 continue
