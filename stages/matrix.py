@@ -256,7 +256,11 @@ class Matrix:
 
     def _follow(self) -> None:
         """Running states from the tracker; fail tasks that wait for a resource no node offers."""
-        started = self.ray.get(self.tracker.poll.remote())
+        try:
+            started = self.ray.get(self.tracker.poll.remote(), timeout=30)
+        except Exception as e:  # noqa: BLE001 - the display only: the tasks' own results still count
+            log.warning("progress tracker unavailable (%s): running states are not shown", type(e).__name__)
+            started = {}
         for name, where in started.items():
             task = self.tasks[name]
             if task.state == "pending":
@@ -317,8 +321,8 @@ def connect(cfg: dict):
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         return ray, True
     log.info("no RAY_ADDRESS: starting a local Ray (resources %s)", cfg.get("local_resources") or {})
-    ray.init(resources=cfg.get("local_resources") or None, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env=runtime_env)
+    ray.init(address="local", resources=cfg.get("local_resources") or None, include_dashboard=False,
+             logging_level=logging.WARNING, runtime_env=runtime_env)
     return ray, False
 
 

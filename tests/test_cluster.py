@@ -272,18 +272,3 @@ def test_repro_of_two_models_rebuilds_only_the_model_whose_params_changed(tmp_pa
     assert ran == ["Running stage 'fetch@b':", "Running stage 'export_onnx@b':"], second.stdout
     assert "Stage 'split@b' didn't change, skipping" in second.stdout
 
-
-def test_without_ray_address_a_local_ray_builds_every_model(tmp_path):
-    pytest.importorskip("ray", reason="Ray is the optional extra [cluster]: pip install 'sbert-bundle[cluster]'")
-    made = make_repo(tmp_path, {}, {})
-    repo = made["repo"]
-    done = subprocess.run([sys.executable, "-m", "stages.matrix"], cwd=repo, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "no RAY_ADDRESS: starting a local Ray" in done.stderr
-    cells = json.loads((repo / "artifacts" / "matrix" / "cells.json").read_text())
-    assert cells["ray"] == "local"
-    assert {t["name"]: t["state"] for t in cells["tasks"]} == {"model@a": "done", "model@b": "done"}
-    assert cells["driver"]["ran"] == [] and set(cells["driver"]["restored"]) == {
-        f"{s}@{m}" for s in ("fetch", "split", "release") for m in "ab"}
-    assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
