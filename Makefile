@@ -8,13 +8,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 # The build and test environment is locked (versions and sha256 of every file, torch the
 # local CPU wheel): requirements/lock-py311.txt, compiled by `make lock` from pyproject.toml's
-# `build` and `test` extras plus requirements/lock.in. The lock is for CPython 3.11 on Linux x86_64.
+# `build`, `test` and `cluster` extras plus requirements/lock.in. The lock is for CPython 3.11 on Linux x86_64.
 LOCK       := requirements/lock-py311.txt
 UV_VERSION := 0.13.9
 # Where pip (through its config) and `make lock` find the torch CPU wheel.
 FIND_LINKS ?= /opt/wheels
 
-.PHONY: install lock repro test publish compat bench rebuild-check clean
+.PHONY: install lock repro matrix test publish compat bench rebuild-check clean
 
 install: $(STAMP)
 
@@ -31,20 +31,27 @@ $(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
 # Regenerate the lock: the newest versions pyproject.toml's ranges allow today.
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra build --extra test \
+	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra build --extra test --extra cluster \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	  --find-links $(FIND_LINKS) --custom-compile-command 'make lock' -o $(LOCK)
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+	$(BIN)/python -m stages.report
+
+# The build matrix on Ray (every model of params.yaml, build_trt per GPU target): a local Ray,
+# or the cluster at RAY_ADDRESS. See README "Many models and GPU targets".
+matrix: $(STAMP)
+	$(BIN)/python -m stages.matrix $(if $(MODELS),--models $(MODELS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Publish the sealed release (after `make repro`, on a clean, committed tree): push it to the
-# DVC remote, then tag the version (GTO); STAGE=prod also assigns a stage.
+# DVC remote, then tag the version (GTO); STAGE=prod also assigns a stage. With several models
+# in params.yaml, MODEL=<key> names the one to publish.
 publish: $(STAMP)
-	$(BIN)/python -m stages.publish $(if $(STAGE),--stage $(STAGE))
+	$(BIN)/python -m stages.publish $(if $(MODEL),--model $(MODEL)) $(if $(STAGE),--stage $(STAGE))
 
 # sentence-transformers' own ONNX backend (5.x + optimum) in its own venv, for
 # tests/test_st_onnx_backend.py: the bundle must load there too. Not locked: it only loads
@@ -58,10 +65,11 @@ compat: .venv-st5/.installed-stamp
 	touch $@
 
 # Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock
-# (and with a published archive: ARCHIVE=path/to/name-version.tar.gz).
+# (and with a published archive: ARCHIVE=path/to/name-version.tar.gz; MODEL=<key> names its model
+# where REV builds several).
 REV ?= HEAD
 rebuild-check: $(STAMP)
-	$(BIN)/python -m stages.rebuild_check $(REV) $(if $(ARCHIVE),--archive $(ARCHIVE))
+	$(BIN)/python -m stages.rebuild_check $(REV) $(if $(MODEL),--model $(MODEL)) $(if $(ARCHIVE),--archive $(ARCHIVE))
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/benchmarks -q --benchmark-autosave

@@ -3,7 +3,7 @@
 Needs numpy, tokenizers and onnxruntime (TensorRT optional); never torch.
 
     from sbert_bundle import Bundle
-    bundle = Bundle.load("artifacts/bundle")          # best variant that runs here
+    bundle = Bundle.load("artifacts/minilm_l6/bundle")          # best variant that runs here
     embeddings = bundle.encode(["a sentence", "another"])
 """
 

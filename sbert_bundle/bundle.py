@@ -22,7 +22,8 @@ PUBLISHED_FILE = "published.json"  # written by `sbert-bundle pull` beside a rel
 # Without a verify report, CPU variants are preferred in this order (the most exact first).
 # Lossy variants (int8) are never picked by default: they run only when named.
 CPU_PREFERENCE = ("fp32-fused", "fp32")
-# On a GPU: a TensorRT plan first, then the fused fp16 graph on onnxruntime CUDA.
+# On a GPU: the TensorRT plan of this GPU's target first (sbert_bundle.trt.target_choice), then
+# the fused fp16 graph on onnxruntime CUDA.
 GPU_PREFERENCE = ("fp16-fused", "fp16", "fp32-fused", "fp32")
 
 
@@ -52,10 +53,12 @@ def rank_variants(manifest: dict, report: dict | None, device_id: int = 0) -> li
                   if name in placed and r["passed"] is True and r["device"] == placed[name][0]}
 
     def key(name: str):
-        device, _ = placed[name]
+        device, note = placed[name]
         v = variants[name]
         if device is None:
             return (9, 0.0, name)
+        if note:  # runs here, but only when named (a TensorRT plan tuned for another GPU target)
+            return (8, 0.0, name)
         if not exact_here(v, device):  # runs when named (int8; fp16 on a CPU, for checking): never by default
             return (8, 0.0, name)
         if passed is not None and name not in passed:
@@ -178,9 +181,9 @@ class Bundle:
             raise VariantError(_explain(f"no variant of {root} runs here", ranked))
         if variant not in manifest["variants"]:
             raise VariantError(_explain(f"variant {variant!r} is not in {root}", ranked))
-        device = dict((n, d) for n, d, _ in ranked)[variant]
+        device, why = next((d, r) for n, d, r in ranked if n == variant)
         if device is None:
-            raise VariantError(_explain(f"variant {variant!r} cannot run here", ranked))
+            raise VariantError(_explain(f"variant {variant!r} cannot run here: {why}", ranked))
         log.info("bundle %s: using variant %s on %s", root, variant, device)
         return cls(root, manifest, variant, device, threads, report, tmp, _text=text, device_id=device_id,
                    release=release)
@@ -251,9 +254,29 @@ class Bundle:
                 for n, d, r in ranked
             ],
             "tensorrt_build": self.manifest.get("tensorrt_build"),
+            "tensorrt_targets": trt_targets(self.manifest, ranked),
             "verify": self.report,
             "published": _published(self.release),
         }
+
+
+def trt_targets(manifest: dict, ranked) -> list[dict]:
+    """Per GPU target of the bundle's TensorRT build: its plan and whether it would run here, or
+    why not (not built, and why; built for another GPU; no TensorRT runtime here ...)."""
+    build = manifest.get("tensorrt_build") or {}
+    placed = {n: (d, r) for n, d, r in ranked}
+    rows = []
+    for target, record in (build.get("targets") or {}).items():
+        base = {"target": target, "compute_capability": record.get("compute_capability")}
+        plans = [p for p in record.get("plans") or [] if p in placed]
+        if not plans:
+            rows.append({**base, "plan": None, "would_run_here": False,
+                         "why_not": f"not built: {record.get('reason') or 'no plan in this bundle'}"})
+        for plan in plans:
+            device, why = placed[plan]
+            rows.append({**base, "plan": plan, "would_run_here": device is not None and not why,
+                         "why_not": why or None})
+    return rows
 
 
 def is_release_folder(path: Path) -> bool:
@@ -277,8 +300,8 @@ def _published(release: Path | None) -> dict | None:
 
 def _gpu_note(variant: dict, device: str | None) -> str | None:
     """Why a variant meant for a GPU is running on CPU (or not at all) here."""
-    if "cuda" not in variant.get("devices", []) or device == "cuda":
-        return None
+    if "cuda" not in variant.get("devices", []) or device == "cuda" or variant.get("backend") == "tensorrt":
+        return None  # a plan's why_not already says why it does not run here
     _, why = pick_device({**variant, "devices": ["cuda"]})
     if variant.get("precision") == "fp16" and device == "cpu":
         return f"GPU variant, run on CPU only when named (for checking): {why}"

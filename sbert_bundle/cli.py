@@ -17,6 +17,7 @@ from .backends import BackendError
 from .bundle import Bundle, NonFiniteError, VariantError
 from .head import HeadError
 from .manifest import IntegrityError, check_threads
+from .trt import sm
 
 
 def read_sentences(source: str) -> list[str]:
@@ -92,7 +93,15 @@ def _inspect(args) -> None:
         if v["gpu_note"] and (v["precision"] == "fp16" or not v["runs_here"]):
             print(f"  {'':<14} {v['gpu_note']}")
     trt = info.get("tensorrt_build") or {}
-    if trt.get("skipped"):
+    if info["tensorrt_targets"]:
+        print("TensorRT plans (one per GPU target):")
+        for t in info["tensorrt_targets"]:
+            if t["would_run_here"]:
+                state = "would run here"
+            else:  # a plan, and why not here; or no plan: "not built: why"
+                state = f"not here: {t['why_not']}" if t["plan"] else t["why_not"]
+            print(f"  {t['target']:<8} {sm(t['compute_capability']):<6} {t['plan'] or '-':<16} {state}")
+    elif trt.get("skipped"):  # a bundle from before GPU targets
         print(f"TensorRT plans: none, build_trt skipped: {trt.get('reason')}")
     published = info.get("published")
     if published:

@@ -9,7 +9,10 @@
     params_sha256    digest of the params that built the bundle
     tools            versions of the tools that built it
     embedding_dimension, max_seq_length
-    variants         {name: {file, backend, precision, fused, ...}}
+    variants         {name: {file, backend, precision, fused, ...}}; a TensorRT plan also has
+                     target (the GPU target's name) and compute_capability ("9.0": the GPU it runs on)
+    tensorrt_build   {targets: {name: {compute_capability, skipped, reason, plans}}}: what build_trt
+                     did for each GPU target (older bundles: {skipped, reason, plans})
     files            {relative path: {sha256, size}} for every file except manifest.json
 """
 
@@ -38,6 +41,12 @@ MAX_SHOWN_PROBLEMS = 20
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "bf16", "fp8")
 DEVICES = ("cpu", "cuda")
+MAX_TRT_PLANS = 32           # TensorRT plans in one bundle: one per GPU target
+MAX_TRT_TARGETS = 32
+MAX_REASON_CHARS = 1000
+# A GPU target's name: a folder name in the bundle (trt/<target>/) and part of variant names.
+TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+COMPUTE_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
 
 
 class IntegrityError(RuntimeError):
@@ -167,6 +176,11 @@ def manifest_problems(m: dict) -> list[str]:
             need(isinstance(devices, list) and bool(devices) and all(d in DEVICES for d in devices),
                  f"variants[{name!r}].devices: {devices!r}; expected a list of {', '.join(DEVICES)}")
             need(isinstance(v.get("fused", False), bool), f"variants[{name!r}].fused: expected true or false")
+            if v.get("backend") == "tensorrt":
+                _plan_problems(name, v, need)
+        plans = sum(isinstance(v, dict) and v.get("backend") == "tensorrt" for v in variants.values())
+        need(plans <= MAX_TRT_PLANS, f"variants: {plans} TensorRT plans; at most {MAX_TRT_PLANS}")
+    _trt_build_problems(m.get("tensorrt_build"), need)
     runtime = m.get("runtime", {})
     if need(isinstance(runtime, dict), f"runtime: expected an object, got {type(runtime).__name__}"):
         threads = runtime.get("cpu_threads")
@@ -181,6 +195,60 @@ def manifest_problems(m: dict) -> list[str]:
              f"runtime.cuda_graph_buckets: expected at most 256 [batch, length] pairs of integers in "
              f"1..{MAX_BUCKET_SIDE}")
     return problems
+
+
+def _short(value) -> str:
+    return f"{value!r:.60}"
+
+
+def _plan_problems(name: str, v: dict, need) -> None:
+    """A TensorRT plan names its GPU target and that target's compute capability."""
+    target, capability = v.get("target"), v.get("compute_capability")
+    need(isinstance(target, str) and bool(TARGET_NAME.fullmatch(target)),
+         f"variants[{name!r}].target: {_short(target)}; expected a GPU target name (lowercase letters, digits, "
+         f"- and _, at most 32)")
+    need(isinstance(capability, str) and bool(COMPUTE_CAPABILITY.fullmatch(capability)),
+         f"variants[{name!r}].compute_capability: {_short(capability)}; expected MAJOR.MINOR such as \"9.0\"")
+    meta = v.get("tensorrt", {})
+    if need(isinstance(meta, dict), f"variants[{name!r}].tensorrt: expected an object"):
+        built = meta.get("compute_capability", capability)
+        need(built == capability, f"variants[{name!r}]: built on a GPU of compute capability {_short(built)}, "
+                                  f"but its target needs {_short(capability)}")
+
+
+def _trt_build_problems(record, need) -> None:
+    """tensorrt_build: per GPU target, built or skipped and why (bounded: it is printed by inspect)."""
+    if record is None or not need(isinstance(record, dict), "tensorrt_build: expected an object"):
+        return
+    if "targets" not in record:  # a bundle from before GPU targets: {skipped, reason, plans}
+        need(isinstance(record.get("skipped", False), bool), "tensorrt_build.skipped: expected true or false")
+        need(record.get("reason") is None or (isinstance(record["reason"], str)
+                                              and len(record["reason"]) <= MAX_REASON_CHARS),
+             f"tensorrt_build.reason: expected null or a string of at most {MAX_REASON_CHARS} characters")
+        return
+    targets = record["targets"]
+    if not need(isinstance(targets, dict), "tensorrt_build.targets: expected an object of target name -> record"):
+        return
+    if not need(len(targets) <= MAX_TRT_TARGETS,
+                f"tensorrt_build.targets: {len(targets)} targets; at most {MAX_TRT_TARGETS}"):
+        return
+    for name, t in targets.items():
+        where = f"tensorrt_build.targets[{_short(name)}]"
+        if not need(bool(TARGET_NAME.fullmatch(name)), f"{where}: not a GPU target name (lowercase letters, digits, "
+                                                  "- and _, at most 32)"):
+            continue
+        if not need(isinstance(t, dict), f"{where}: expected an object"):
+            continue
+        capability = t.get("compute_capability")
+        need(isinstance(capability, str) and bool(COMPUTE_CAPABILITY.fullmatch(capability)),
+             f"{where}.compute_capability: {_short(t.get('compute_capability'))}; expected MAJOR.MINOR")
+        need(isinstance(t.get("skipped"), bool), f"{where}.skipped: expected true or false")
+        need(t.get("reason") is None or (isinstance(t["reason"], str) and len(t["reason"]) <= MAX_REASON_CHARS),
+             f"{where}.reason: expected null or a string of at most {MAX_REASON_CHARS} characters")
+        plans = t.get("plans", [])
+        need(isinstance(plans, list) and len(plans) <= MAX_TRT_PLANS
+             and all(isinstance(p, str) and len(p) <= 200 for p in plans),
+             f"{where}.plans: expected a list of at most {MAX_TRT_PLANS} variant names")
 
 
 def cpu_count() -> int:

@@ -3,6 +3,8 @@
 A plan only runs on the GPU model and TensorRT version it was built for, unless it was built
 hardware-compatible (Ampere or newer, or the same compute capability) or version-compatible
 (that TensorRT version or any later one); `plan_compatibility` checks that before loading.
+A bundle holds one plan per GPU target (`target`, `compute_capability` in its manifest entry):
+`target_choice` says, from the GPU's compute capability alone, which plan is the one for it.
 Runtimes, on a GPU machine:
   pip install tensorrt-cu13 cuda-python           full TensorRT (NVIDIA's index serves its libraries)
   pip install tensorrt-lean-cu13==V cuda-python   the lean runtime, from PyPI: runs version-compatible
@@ -46,6 +48,37 @@ def gpu_here(device_id: int = 0) -> dict:
     return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def sm(capability) -> str:
+    """"9.0" -> "sm_90", as CUDA names architectures."""
+    return "sm_" + str(capability).replace(".", "")
+
+
+def target_choice(variant: dict, capability: str | None, gpu: str = "") -> tuple[bool, str]:
+    """Whether a TensorRT plan is the one for a GPU of compute capability `capability` (None: no
+    CUDA GPU here). Pure: the caller asks the GPU (`gpu_here`); gpu names it in the reason.
+
+    (True, "")     its target has this compute capability: a candidate for variant=None
+    (True, note)   built for another one, hardware-compatible (Ampere or newer) and this GPU is too:
+                   runs, but only when named (the target's own plan is the one tuned for this GPU)
+    (False, why)   not for this GPU"""
+    built = variant.get("compute_capability") or variant.get("tensorrt", {}).get("compute_capability")
+    if capability is None:
+        return False, "no CUDA GPU"
+    if built == capability:
+        return True, ""
+    here = f"this GPU is {sm(capability)}" + (f" ({gpu})" if gpu else "")
+    why = f"built for {sm(built)} ({variant.get('target', 'no target')}), {here}"
+    if variant.get("tensorrt", {}).get("hardware_compatibility") == "AMPERE_PLUS" and _version(capability) >= (8, 0):
+        return True, f"{why}; hardware-compatible, so used only when named"
+    return False, why
+
+
+def select_plans(variants: dict[str, dict], capability: str | None) -> dict[str, str]:
+    """{TensorRT plan: "" when it is a candidate for variant=None on a GPU of this compute
+    capability, else why not}, for every plan of a manifest's variants. Pure."""
+    return {name: target_choice(v, capability)[1] for name, v in variants.items() if v.get("backend") == "tensorrt"}
+
+
 def load_tensorrt(meta: dict):
     """(module, "") for the TensorRT runtime that can load this plan, else (None, reason)."""
     try:
@@ -66,7 +99,8 @@ def load_tensorrt(meta: dict):
 
 
 def plan_compatibility(variant: dict, device_id: int = 0) -> tuple[str | None, str]:
-    """("cuda", "") when the plan can run here on CUDA device `device_id`, else (None, reason)."""
+    """("cuda", "") when the plan can run here on CUDA device `device_id` and is the plan for its
+    compute capability; ("cuda", note) when it runs only if named; else (None, reason)."""
     meta = variant.get("tensorrt", {})
     trt, why = load_tensorrt(meta)
     if trt is None:
@@ -77,19 +111,18 @@ def plan_compatibility(variant: dict, device_id: int = 0) -> tuple[str | None, s
         return None, "cuda-python is not installed here (pip install cuda-python): the TensorRT backend needs it"
     except Exception as e:  # noqa: BLE001 - no driver or no device
         return None, f"no usable CUDA GPU ({type(e).__name__}: {e})"
+    fits, note = target_choice(variant, here["compute_capability"], here["gpu"])
+    if not fits:
+        return None, note
     problem = version_problem(str(meta.get("tensorrt_version", "?")), trt.__version__, meta.get("flags", []),
                               lean=trt.__name__.startswith("tensorrt_lean"))
     if problem:
         return None, problem
+    if note:
+        return "cuda", note
+    # the compute capability is the target's (target_choice); a plain plan also needs that very GPU model
     level = meta.get("hardware_compatibility", "NONE")
-    if level == "AMPERE_PLUS":
-        if _version(here["compute_capability"]) < (8, 0):
-            return None, f"plan needs an Ampere or newer GPU, this is {here['gpu']} (sm {here['compute_capability']})"
-    elif level == "SAME_COMPUTE_CAPABILITY":
-        if here["compute_capability"] != meta.get("compute_capability"):
-            return None, (f"plan built for compute capability {meta.get('compute_capability')}, "
-                          f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
-    elif (here["gpu"], here["compute_capability"]) != (meta.get("gpu"), meta.get("compute_capability")):
+    if level not in ("AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY") and here["gpu"] != meta.get("gpu"):
         return None, (f"plan built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), "
                       f"this GPU is {here['gpu']} (sm {here['compute_capability']})")
     return "cuda", ""

@@ -2,15 +2,24 @@
 
 Precision comes from the graph, not from builder flags: the network is strongly typed (the
 only mode TensorRT 11 has; FP16 builder flags and per-layer precision are gone there). An
-fp16 plan is built from artifacts/fp16/model_fp16.onnx, the onnxconverter-common graph that
+fp16 plan is built from artifacts/<model>/fp16/model_fp16.onnx, the onnxconverter-common graph that
 already passed the fp16 parity gate with conf/fp16's ops kept in fp32; an fp32 plan from
-artifacts/onnx/model.onnx with TF32 off. (The fused graphs hold onnxruntime-only ops that
-TensorRT does not parse.) Writes artifacts/trt/:
-  <variant>.plan   one plan holding every optimization profile of conf/trt/profiles
-  build.json       plans with their metadata (TensorRT version, GPU, compute capability,
-                   profiles, flags), or `skipped` with the reason when TensorRT or a GPU is absent
-The timing cache (trt.timing_cache) is read before and written after each build, so
-rebuilds reuse measured tactics; DVC keeps it between runs (persist).
+artifacts/<model>/onnx/model.onnx with TF32 off. (The fused graphs hold onnxruntime-only ops that
+TensorRT does not parse.)
+
+One plan per GPU target of trt.targets (name -> compute capability, Ray resource, profiles).
+A target is built only where TensorRT imports and the first visible CUDA GPU has exactly the
+target's compute capability (CUDA_VISIBLE_DEVICES, or Ray, chooses that GPU); otherwise it is
+recorded as skipped with the reason. Writes artifacts/<model>/trt/<target>/:
+  <plan>.plan      one plan holding every optimization profile of the target (its own
+                   `profiles`, or conf/trt/profiles)
+  build.json       target, compute capability, and the plan with its metadata (TensorRT
+                   version, GPU, compute capability, profiles, flags), or `skipped` with the reason
+`--target NAME` builds only that target (replacing only artifacts/<model>/trt/NAME/; dvc.yaml's
+cells build_trt@<model>-<target>); without it, every target (replacing artifacts/<model>/trt/).
+Each target's timing cache (artifacts/<model>/<trt.timing_cache>/<target>.cache) is read before
+and written after its build, so rebuilds on this machine reuse measured tactics; it is not a DVC
+output (a persistent output turns off the run-cache that brings plans back from Ray workers).
 
 Where TensorRT exists:  pip install tensorrt-cu13 (or -cu12), then `dvc repro build_trt`.
 """
@@ -22,12 +31,13 @@ import re
 import time
 from pathlib import Path
 
-from .common import ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, stage_main, write_json
+from sbert_bundle.manifest import COMPUTE_CAPABILITY, MAX_TRT_TARGETS, TARGET_NAME
+from sbert_bundle.trt import sm
+
+from .common import StageError, atomic_dir, atomic_file, load_model, stage_main, write_json
 
 log = logging.getLogger("stages.build_trt")
-GRAPHS = {"fp16": ARTIFACTS / "fp16" / "model_fp16.onnx", "fp32": ARTIFACTS / "onnx" / "model.onnx"}
-SPLIT = ARTIFACTS / "split"
-OUT = ARTIFACTS / "trt"
+GRAPHS = {"fp16": Path("fp16") / "model_fp16.onnx", "fp32": Path("onnx") / "model.onnx"}  # under artifacts/<model>/
 HARDWARE_LEVELS = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
 
@@ -48,10 +58,63 @@ def availability() -> tuple[object | None, str]:
 
 
 def gpu_info() -> dict:
+    """Name and compute capability of the first visible CUDA GPU: the one TensorRT builds on."""
     import torch
 
     major, minor = torch.cuda.get_device_capability(0)
     return {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def targets(cfg: dict) -> dict[str, dict]:
+    """trt.targets checked: {name: {compute_capability, resource, profiles}}, profiles filled in
+    from trt.profiles where a target has none of its own."""
+    found = cfg.get("targets")
+    if not isinstance(found, dict) or not found:
+        raise StageError("trt.targets must name at least one GPU target, e.g. "
+                         "h100: {compute_capability: \"9.0\", resource: gpu_h100, profiles: null}")
+    if len(found) > MAX_TRT_TARGETS:
+        raise StageError(f"trt.targets has {len(found)} targets; at most {MAX_TRT_TARGETS}")
+    checked = {}
+    for name, spec in found.items():
+        if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+            raise StageError(f"trt.targets has {name!r}: a target name is lowercase letters, digits, - and _ "
+                             "(at most 32, starting with a letter or digit)")
+        if not isinstance(spec, dict):
+            raise StageError(f"trt.targets.{name}: expected {{compute_capability, resource, profiles}}, got {spec!r}")
+        unknown = set(spec) - {"compute_capability", "resource", "profiles"}
+        if unknown:
+            raise StageError(f"trt.targets.{name} has {sorted(unknown)}; known: compute_capability, resource, profiles")
+        capability = spec.get("compute_capability")
+        if not isinstance(capability, str) or not COMPUTE_CAPABILITY.fullmatch(capability):
+            raise StageError(f"trt.targets.{name}.compute_capability is {capability!r}; expected a quoted "
+                             "MAJOR.MINOR such as \"8.9\"")
+        if not isinstance(spec.get("resource"), str) or not spec["resource"]:
+            raise StageError(f"trt.targets.{name}.resource is {spec.get('resource')!r}; expected the name of the "
+                             "Ray resource of nodes with this GPU, such as gpu_h100")
+        profiles = spec.get("profiles") or cfg["profiles"]
+        if not isinstance(profiles, dict) or not profiles:
+            raise StageError(f"trt.targets.{name}.profiles: expected null (trt.profiles) or a mapping of "
+                             "profile name -> {min, opt, max, per_input}")
+        checked[name] = {"compute_capability": capability, "resource": spec["resource"], "profiles": profiles}
+    return checked
+
+
+def selected(cfg: dict, only: str | None) -> dict[str, dict]:
+    """The targets to build: all of trt.targets, or the one named by --target."""
+    known = targets(cfg)
+    if only is None:
+        return known
+    if only not in known:
+        raise StageError(f"--target {only!r} is not in trt.targets; known: {', '.join(known)}")
+    return {only: known[only]}
+
+
+def target_skip(name: str, target: dict, gpu: dict) -> str:
+    """Why this GPU cannot build the target's plan ("" when its compute capability is the target's)."""
+    if gpu["compute_capability"] == target["compute_capability"]:
+        return ""
+    return (f"this GPU is {sm(gpu['compute_capability'])} ({gpu['gpu']}); target {name} needs "
+            f"{target['compute_capability']}")
 
 
 def profile_shapes(profile: dict, input_names: list[str], name: str) -> dict[str, dict]:
@@ -100,7 +163,8 @@ def network_flags(trt) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> dict:
+def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path, target: str = "") -> dict:
+    """One plan of cfg["profiles"] on the first visible GPU; target: the GPU target it is for."""
     wanted = settings(cfg)
     if int(trt.__version__.split(".")[0]) < 10:
         raise StageError(f"TensorRT {trt.__version__} is installed; build_trt needs TensorRT 10 or later")
@@ -143,9 +207,9 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise StageError(f"the timing cache {cache_path} does not match this GPU / TensorRT: delete it to rebuild it")
     gpu = gpu_info()
-    log.info("TensorRT %s builder config: onnx=%s strongly typed, precision from the graph (%s), tf32=%s "
-             "flags=%s hardware_compatibility=%s workspace=%sGiB profiles=%s gpu=%s", trt.__version__, onnx_path,
-             wanted["precision"], wanted["tf32"], wanted["flags"], wanted["hardware_compatibility"],
+    log.info("TensorRT %s builder config: target=%s onnx=%s strongly typed, precision from the graph (%s), tf32=%s "
+             "flags=%s hardware_compatibility=%s workspace=%sGiB profiles=%s gpu=%s", trt.__version__, target,
+             onnx_path, wanted["precision"], wanted["tf32"], wanted["flags"], wanted["hardware_compatibility"],
              cfg["workspace_gib"], profiles, gpu)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -153,34 +217,41 @@ def build(trt, onnx_path: Path, cfg: dict, cache_path: Path, out_dir: Path) -> d
         raise StageError(f"TensorRT build of {onnx_path} failed (see the TensorRT errors above)")
     elapsed = time.perf_counter() - start
     log.info("TensorRT build took %.1f s", elapsed)
-    target = {"NONE": gpu["gpu"], "AMPERE_PLUS": "ampere-plus",
-              "SAME_COMPUTE_CAPABILITY": f"sm{gpu['compute_capability']}"}[wanted["hardware_compatibility"]]
-    slug = re.sub(r"[^a-z0-9]+", "-", target.lower()).strip("-")
+    runs_on = {"NONE": gpu["gpu"], "AMPERE_PLUS": "ampere-plus",
+               "SAME_COMPUTE_CAPABILITY": f"sm{gpu['compute_capability']}"}[wanted["hardware_compatibility"]]
+    slug = re.sub(r"[^a-z0-9]+", "-", runs_on.lower()).strip("-")
     name = f"trt-{wanted['precision']}-{'+'.join(profiles)}-{slug}-trt{trt.__version__}"
     (out_dir / f"{name}.plan").write_bytes(bytes(plan))
     with atomic_file(cache_path) as tmp:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    metadata = {"tensorrt_version": trt.__version__, **gpu, "profiles": profiles, "profile_order": list(profiles),
-                "flags": wanted["flags"], "hardware_compatibility": wanted["hardware_compatibility"],
-                "strongly_typed": True, "tf32": wanted["tf32"], "source_graph": onnx_path.name,
-                "input_names": input_names, "build_seconds": round(elapsed, 1)}
+    metadata = {"target": target, "tensorrt_version": trt.__version__, **gpu, "profiles": profiles,
+                "profile_order": list(profiles), "flags": wanted["flags"],
+                "hardware_compatibility": wanted["hardware_compatibility"], "strongly_typed": True,
+                "tf32": wanted["tf32"], "source_graph": onnx_path.name, "input_names": input_names,
+                "build_seconds": round(elapsed, 1)}
     return {"name": name, "file": f"{name}.plan", "precision": wanted["precision"], "metadata": metadata}
 
 
-def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | None = None) -> dict:
-    cache_path = Path(cfg["timing_cache"])
-    settings(cfg)
+def run_target(cfg: dict, name: str, target: dict, onnx_path: Path | None, out_dir: Path,
+               max_seq_length: int | None = None, found: tuple | None = None) -> dict:
+    """Build (or record why not) the plan of one GPU target into out_dir (artifacts/trt/<name>).
+
+    found: (tensorrt module or None, why not) from `availability()`, asked once per run."""
+    cache_path = Path(cfg["timing_cache"]) / f"{name}.cache"
+    record = {"target": name, "compute_capability": target["compute_capability"], "skipped": True, "plans": []}
     if not cfg["enabled"]:
-        record = {"skipped": True, "reason": "trt.enabled is false", "plans": []}
+        record["reason"] = "trt.enabled is false"
     else:
-        trt, why = availability()
-        if trt is None:
-            log.info("TensorRT plans skipped: %s", why)
-            record = {"skipped": True, "reason": why, "plans": []}
+        trt, why = found or availability()
+        why = why or target_skip(name, target, gpu_info())
+        if why:
+            log.info("target %s: TensorRT plan skipped: %s", name, why)
+            record["reason"] = why
         else:
             if max_seq_length:  # only plans must take the longest input: no plan, nothing to cover
-                check_coverage(cfg["profiles"], max_seq_length)
-            record = {"skipped": False, "plans": [build(trt, onnx_path, cfg, cache_path, out_dir)]}
+                check_coverage(target["profiles"], max_seq_length)
+            plan = build(trt, onnx_path, {**cfg, "profiles": target["profiles"]}, cache_path, out_dir, name)
+            record.update(skipped=False, reason=None, plans=[plan])
     if not cache_path.exists():  # an empty cache is a valid start for the next build
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(b"")
@@ -188,16 +259,44 @@ def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | 
     return record
 
 
+def run(cfg: dict, onnx_path: Path | None, out_dir: Path, max_seq_length: int | None = None,
+        only: str | None = None) -> dict[str, dict]:
+    """Every target of trt.targets (or only the one named) into out_dir/<target>/: {target: record}."""
+    settings(cfg)
+    chosen = selected(cfg, only)
+    found = availability() if cfg["enabled"] else (None, "")
+    records = {}
+    for name, target in chosen.items():
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        records[name] = run_target(cfg, name, target, onnx_path, out_dir / name, max_seq_length, found)
+    return records
+
+
 def main() -> None:
     def body(args):
         from sbert_bundle.head import load_head
 
-        cfg = load_params(args.params)["trt"]
-        with atomic_dir(OUT) as tmp:
-            graph = GRAPHS.get(cfg["precision"])  # None: run() refuses the precision before reading it
-            run(cfg, graph, tmp, load_head(SPLIT / "modules").max_seq_length)
+        _, params, art = load_model(args)
+        cfg = {**params["trt"], "timing_cache": str(art / params["trt"]["timing_cache"])}
+        settings(cfg)
+        chosen = selected(cfg, args.target)  # an unknown --target stops here, before anything is written
+        graph = GRAPHS.get(cfg["precision"])
+        graph = graph and art / graph
+        max_seq_length = load_head(art / "split" / "modules").max_seq_length
+        out = art / "trt"
+        if args.target is None:  # every target: artifacts/<model>/trt/ is replaced whole (no stale targets stay)
+            with atomic_dir(out) as tmp:
+                run(cfg, graph, tmp, max_seq_length)
+        else:  # one target: only artifacts/trt/<target>/ is replaced
+            (name, target), = chosen.items()
+            found = availability() if cfg["enabled"] else (None, "")
+            with atomic_dir(out / name) as tmp:
+                run_target(cfg, name, target, graph, tmp, max_seq_length, found)
 
-    stage_main(__doc__, body)
+    def add_args(parser):
+        parser.add_argument("--target", help="build only this GPU target of trt.targets (default: all of them)")
+
+    stage_main(__doc__, body, add_args)
 
 
 if __name__ == "__main__":

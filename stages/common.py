@@ -44,6 +44,71 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
         raise StageError(f"{path} not found: run stages from the repository root") from None
 
 
+# The sections of params.yaml that a model's `overrides` may change for that model only.
+STAGE_SECTIONS = ("fetch", "export", "fp16", "quantize", "trt", "package", "verify", "publish")
+
+
+def model_keys(params: dict) -> list[str]:
+    """The models to build: the keys of params' `model` (one per entry of conf/model chosen in conf/config.yaml)."""
+    models = params.get("model")
+    if not isinstance(models, dict) or not models or not all(isinstance(v, dict) for v in models.values()):
+        raise StageError("params.yaml `model` must map each model to build to its settings (conf/config.yaml's "
+                         "defaults list `- model: [minilm_l6, ...]`); recompose it with `python -m stages.compose`")
+    return list(models)
+
+
+def pick_model(params: dict, key: str | None) -> str:
+    """key, checked against the models of params; None is the only model (an error naming them if several)."""
+    keys = model_keys(params)
+    if key is None:
+        if len(keys) > 1:
+            raise StageError(f"params.yaml builds {len(keys)} models ({', '.join(keys)}): name one with --model")
+        return keys[0]
+    if key not in keys:
+        raise StageError(f"--model {key!r} is not in params.yaml's models: {', '.join(keys)}")
+    return key
+
+
+def _merged(base, override):
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = _merged(base.get(k), v) if k in base else v
+        return out
+    return override
+
+
+def model_params(params: dict, key: str | None = None) -> dict:
+    """The params of one model, shaped as one build reads them: `model` is that model's entry (without its
+    overrides), and each stage section is the shared one with the model's `overrides` merged in."""
+    key = pick_model(params, key)
+    entry = dict(params["model"][key])
+    overrides = entry.pop("overrides", None)
+    if not isinstance(overrides, dict):
+        raise StageError(f"params.yaml model.{key} has no `overrides` mapping (conf/model/{key}.yaml needs "
+                         "`overrides: {}` when it overrides nothing)")
+    unknown = sorted(set(overrides) - set(STAGE_SECTIONS))
+    if unknown:
+        raise StageError(f"model.{key}.overrides names {unknown}; a model may override {list(STAGE_SECTIONS)}")
+    out = {k: v for k, v in params.items() if k != "model"}
+    for section, value in overrides.items():
+        out[section] = _merged(params.get(section), value)
+    out["model"] = entry
+    return out
+
+
+def model_dir(key: str) -> Path:
+    """Where one model's stages write: artifacts/<model>/."""
+    return ARTIFACTS / key
+
+
+def load_model(args: argparse.Namespace) -> tuple[str, dict, Path]:
+    """(model key, that model's params, its artifacts folder) for a stage's --params / --model."""
+    raw = load_params(args.params)
+    key = pick_model(raw, args.model)
+    return key, model_params(raw, key), model_dir(key)
+
+
 def params_digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
@@ -222,6 +287,7 @@ def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
                                      epilog="Settings come from the params file (composed from conf/; see README).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument("--model", help="which model of params.yaml (a key of its `model`; needed when it has several)")
     if add_args:
         add_args(parser)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Stage `convert_fp16`: FP16 copies of the plain and fused graphs (onnxconverter-common).
 
-Reads artifacts/onnx/, writes artifacts/fp16/:
+Reads artifacts/<model>/onnx/, writes artifacts/<model>/fp16/:
   model_fp16.onnx, model_fp16_fused.onnx   inputs/outputs keep their types (keep_io_types)
   report.json                              parity against fp32, or why it could not run here
 Op types or node names that overflow in fp16 can be kept in fp32 through conf/fp16/.
@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, row_cosines, stage_main, write_json
+from .common import StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json
 from .export_onnx import validation_batches
 
 log = logging.getLogger("stages.convert_fp16")
-ONNX = ARTIFACTS / "onnx"
-SPLIT = ARTIFACTS / "split"
-OUT = ARTIFACTS / "fp16"
 PAIRS = {"fp16": ("model.onnx", "model_fp16.onnx"), "fp16-fused": ("model_fused.onnx", "model_fp16_fused.onnx")}
 
 
@@ -111,9 +108,9 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
 
 def main() -> None:
     def body(args):
-        cfg = load_params(args.params)["fp16"]
-        with atomic_dir(OUT) as tmp:
-            run(cfg, ONNX, SPLIT, tmp)
+        _, params, art = load_model(args)
+        with atomic_dir(art / "fp16") as tmp:
+            run(params["fp16"], art / "onnx", art / "split", tmp)
 
     stage_main(__doc__, body)
 

@@ -1,6 +1,6 @@
 """Stage `export_onnx`: the Transformer to ONNX fp32, validated against PyTorch, plus a fused graph.
 
-Reads artifacts/split/ (transformer/ and head.json's max_seq_length), writes artifacts/onnx/:
+Reads artifacts/<model>/split/ (transformer/ and head.json's max_seq_length), writes artifacts/<model>/onnx/:
   model.onnx        fp32, dynamic batch and sequence axes, inputs exactly the tokenizer's
   model_fused.onnx  the same after onnxruntime's transformer optimizer (Attention, LayerNorm… fused);
                     attention fusion only for the encoders it matches (ATTENTION_FUSION_ARCHS, right
@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, stage_main, torch_threads, write_json
+from .common import StageError, atomic_dir, cpu_session, load_model, stage_main, torch_threads, write_json
 
 log = logging.getLogger("stages.export_onnx")
-SPLIT = ARTIFACTS / "split"
-OUT = ARTIFACTS / "onnx"
 OUTPUT_NAME = "last_hidden_state"
 
 
@@ -198,9 +196,9 @@ def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
 
 def main() -> None:
     def body(args):
-        cfg = load_params(args.params)["export"]
-        with atomic_dir(OUT) as tmp:
-            run(cfg, SPLIT, tmp)
+        _, params, art = load_model(args)
+        with atomic_dir(art / "onnx") as tmp:
+            run(params["export"], art / "split", tmp)
 
     stage_main(__doc__, body)
 

@@ -1,7 +1,7 @@
-"""Stage `fetch`: resolve the configured model source into artifacts/source/.
+"""Stage `fetch`: resolve the configured model source into artifacts/<model>/source/.
 
-Writes artifacts/source/model/ (the sentence-transformers folder) and
-artifacts/source/provenance.json (source kind, id, revision, sha256 and size of every file).
+Writes artifacts/<model>/source/model/ (the sentence-transformers folder) and
+artifacts/<model>/source/provenance.json (source kind, id, revision, sha256 and size of every file).
 
 Sources (`model.source.kind`):
   package     a model folder shipped inside an installed Python distribution
@@ -25,10 +25,9 @@ from pathlib import Path
 
 from sbert_bundle.manifest import describe_files
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, stage_main, write_json
+from .common import StageError, atomic_dir, load_model, stage_main, write_json
 
 log = logging.getLogger("stages.fetch")
-OUT = ARTIFACTS / "source"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -166,8 +165,8 @@ def run(source: dict, exclude: list[str], out_dir: Path) -> dict:
 
 def main() -> None:
     def body(args):
-        params = load_params(args.params)
-        with atomic_dir(OUT) as tmp:
+        _, params, art = load_model(args)
+        with atomic_dir(art / "source") as tmp:
             prov = run(params["model"]["source"], params["fetch"]["exclude"], tmp)
         log.info("fetched %s (%s) : %d files", prov["id"], prov["revision"], len(prov["files"]))
 

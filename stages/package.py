@@ -1,12 +1,12 @@
 """Stage `package`: assemble the self-contained bundle and its archive.
 
-Writes artifacts/bundle/ and artifacts/bundle.tar.gz:
+Writes artifacts/<model>/bundle/ and artifacts/<model>/bundle.tar.gz:
   manifest.json                      schema in sbert_bundle.manifest
   head.json, head/                   Pooling / Dense / Normalize for sbert_bundle
   tokenizer.json, config.json, …     tokenizer and model config
   modules.json, 1_Pooling/, …        sentence-transformers configuration
   onnx/model.onnx                    fp32; other ONNX variants beside it
-  trt/*.plan                         TensorRT plans, when build_trt made any
+  trt/<target>/*.plan                TensorRT plans, one per GPU target that build_trt built
 The bundle needs nothing from the source folder or the pipeline.
 
 Both are reproducible: the same inputs and locked environment give the same bytes. No
@@ -33,13 +33,11 @@ from pathlib import Path
 from sbert_bundle.head import load_head
 from sbert_bundle.manifest import write_manifest
 
-from .common import (ARTIFACTS, REPO, StageError, atomic_outputs, load_params, params_digest, read_json,
-                     stage_main)
+from . import build_trt
+from .common import REPO, StageError, atomic_outputs, load_model, params_digest, read_json, stage_main
 from .split import WEIGHT_FILES
 
 log = logging.getLogger("stages.package")
-OUT = ARTIFACTS / "bundle"
-ARCHIVE = ARTIFACTS / "bundle.tar.gz"
 # Params sections that decide the bundle's content (verify's do not).
 BUILD_SECTIONS = ("model", "fetch", "export", "fp16", "quantize", "trt", "package")
 # variant name -> (artifact, path in the bundle, description)
@@ -125,7 +123,7 @@ def tool_versions() -> dict:
     return found
 
 
-def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
+def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets: dict | None = None) -> dict:
     variants = {}
     for name in wanted:
         if name not in ONNX_VARIANTS:
@@ -147,26 +145,64 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict:
         variants["int8"]["quantization"] = {k: report.get(k) for k in (
             "method", "per_channel", "weight_type", "smoothed", "smoothing_alpha", "outlier_channels",
             "weight_only", "excluded_nodes", "calibration") if k in report}
-    trt_report = artifacts / "trt" / "build.json"
-    if trt_report.is_file():
-        for plan in read_json(trt_report).get("plans", []):
-            dest = f"trt/{plan['file']}"
-            (bundle / "trt").mkdir(exist_ok=True)
-            shutil.copy2(artifacts / "trt" / plan["file"], bundle / dest)
-            variants[plan["name"]] = {"file": dest, "backend": "tensorrt", "precision": plan["precision"],
-                                      "fused": True, "devices": ["cuda"], "tensorrt": plan["metadata"]}
+    variants.update(trt_plans(trt_targets, artifacts / "trt", bundle))
     if "fp32" not in variants:
-        raise StageError("the bundle needs the fp32 variant (artifacts/onnx/model.onnx); it is missing")
+        raise StageError("the bundle needs the fp32 variant (artifacts/<model>/onnx/model.onnx); it is missing")
     return variants
 
 
-def trt_summary(build_json: Path) -> dict:
-    """Whether build_trt made plans, and if not, why (shown by `sbert-bundle inspect`)."""
-    if not build_json.is_file():
-        return {"skipped": True, "reason": "build_trt did not run"}
-    record = read_json(build_json)
-    return {"skipped": record.get("skipped", False), "reason": record.get("reason"),
-            "plans": [p["name"] for p in record.get("plans", [])]}
+def trt_records(trt_targets: dict, trt_dir: Path) -> dict[str, dict]:
+    """artifacts/<model>/trt/<target>/build.json of every configured GPU target ({target: record}); a
+    target build_trt has not run for is recorded as skipped, saying so (no path: the manifest is
+    the same wherever the artifacts are)."""
+    records = {}
+    for name, spec in (trt_targets or {}).items():
+        path = trt_dir / name / "build.json"
+        if not path.is_file():
+            records[name] = {"target": name, "compute_capability": spec["compute_capability"], "skipped": True,
+                             "reason": f"build_trt has not run for target {name}", "plans": []}
+            continue
+        record = read_json(path, "TensorRT build record")
+        if record.get("target") != name or record.get("compute_capability") != spec["compute_capability"]:
+            raise StageError(f"{path} is for target {record.get('target')!r} (compute capability "
+                             f"{record.get('compute_capability')!r}); trt.targets.{name} needs "
+                             f"{spec['compute_capability']}: run build_trt --target {name} again")
+        records[name] = record
+    return records
+
+
+def plan_variant_name(plan: dict, target: str) -> str:
+    """A plan's variant name in the bundle: trt-<precision>-<target> (one plan per target)."""
+    return f"trt-{plan['precision']}-{target}"
+
+
+def trt_plans(trt_targets: dict, trt_dir: Path, bundle: Path) -> dict[str, dict]:
+    """Each built plan copied to bundle/trt/<target>/: {variant name: manifest entry}."""
+    found = {}
+    for name, record in trt_records(trt_targets, trt_dir).items():
+        for plan in record.get("plans", []):
+            if not isinstance(plan.get("file"), str) or Path(plan["file"]).name != plan["file"]:
+                raise StageError(f"{trt_dir / name / 'build.json'}: plan file {plan.get('file')!r} is not a file name")
+            capability = plan["metadata"]["compute_capability"]
+            if capability != record["compute_capability"]:
+                raise StageError(f"{trt_dir / name / 'build.json'}: plan {plan['file']} was built on a GPU of "
+                                 f"compute capability {capability}; target {name} needs {record['compute_capability']}")
+            dest = f"trt/{name}/{plan['file']}"
+            (bundle / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(trt_dir / name / plan["file"], bundle / dest)
+            found[plan_variant_name(plan, name)] = {
+                "file": dest, "backend": "tensorrt", "precision": plan["precision"], "fused": True,
+                "devices": ["cuda"], "target": name, "compute_capability": capability,
+                "tensorrt": plan["metadata"]}
+    return found
+
+
+def trt_summary(trt_targets: dict, trt_dir: Path) -> dict:
+    """Per GPU target: built or skipped, and why (shown by `sbert-bundle inspect`)."""
+    return {"targets": {
+        name: {"compute_capability": r["compute_capability"], "skipped": r.get("skipped", False),
+               "reason": r.get("reason"), "plans": [plan_variant_name(p, name) for p in r.get("plans", [])]}
+        for name, r in trt_records(trt_targets, trt_dir).items()}}
 
 
 def run(params: dict, artifacts: Path, bundle: Path) -> dict:
@@ -180,7 +216,8 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
     if expected is not None and expected != head.embedding_dimension:
         raise StageError(f"model.embedding_dimension is {expected}, but the model's modules give "
                          f"{head.embedding_dimension}: fix conf/model (the registry advertises this value)")
-    variants = copy_variants(params["package"]["variants"], artifacts, bundle)
+    trt_targets = build_trt.targets(params["trt"])
+    variants = copy_variants(params["package"]["variants"], artifacts, bundle, trt_targets)
     source = read_json(artifacts / "source" / "provenance.json", "provenance")
     fields = {
         "name": params["model"]["name"],
@@ -194,7 +231,7 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         "max_seq_length": head.max_seq_length,
         "variants": variants,
         "runtime": dict(params["package"]["runtime"]),
-        "tensorrt_build": trt_summary(artifacts / "trt" / "build.json"),
+        "tensorrt_build": trt_summary(trt_targets, artifacts / "trt"),
     }
     try:
         return write_manifest(bundle, fields)
@@ -241,10 +278,10 @@ def archive(bundle: Path, dest: Path, level: int, extra: dict[str, Path] | None 
 
 def main() -> None:
     def body(args):
-        params = load_params(args.params)
+        _, params, art = load_model(args)
         # bundle/ and bundle.tar.gz are replaced together: never one from this run beside one from another
-        with atomic_outputs(folders=[OUT], files=[ARCHIVE]) as (tmp, tmp_archive):
-            manifest = run(params, ARTIFACTS, tmp)
+        with atomic_outputs(folders=[art / "bundle"], files=[art / "bundle.tar.gz"]) as (tmp, tmp_archive):
+            manifest = run(params, art, tmp)
             archive(tmp, tmp_archive, params["package"]["compresslevel"])
         log.info("bundle %s %s: variants %s, %d files", manifest["name"], manifest["version"],
                  sorted(manifest["variants"]), len(manifest["files"]))

@@ -2,8 +2,9 @@
 
 Not a DVC stage: it has side effects (a push to the DVC remote, git tags) and runs on a
 clean, reproduced tree. It refuses, in one line naming the cause, unless git is clean,
-`dvc status` matches dvc.lock, the release archive is sealed with a passing verify report
-and model.version is semantic. Then:
+`dvc status` matches dvc.lock, the release archive is sealed with a passing verify report,
+dvc.yaml declares it as the model's registry artifact and model.<model>.version is semantic.
+With several models in params.yaml, --model names the one to publish. Then:
 
 1. Versions are immutable: `<name>@v<version>` already published with this archive's sha256
    is a no-op that says so; with another sha256 it is refused.
@@ -31,11 +32,11 @@ from sbert_bundle.archive import extract_bundle
 from sbert_bundle.bundle import Bundle, read_sealed_report
 from sbert_bundle.manifest import IntegrityError, sha256_file
 
-from .common import ARTIFACTS, StageError, git, load_params, row_cosines, stage_main
+from .common import StageError, git, load_params, model_params, pick_model, row_cosines, stage_main
 from .verify import load_corpus
 
 log = logging.getLogger("stages.publish")
-RELEASE_STAGE = "release"
+RELEASE_STAGE = "release"   # a foreach stage: its cell of model <key> is release@<key>
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
@@ -46,8 +47,28 @@ def semver(version: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in match.groups()[:3])
 
 
-def release_archive(repo: Path, model: dict) -> Path:
-    return repo / ARTIFACTS / "release" / f"{model['name']}-{model['version']}.tar.gz"
+def release_archive(repo: Path, key: str, model: dict) -> Path:
+    from .compose import release_path
+
+    return repo / release_path(key, model)
+
+
+def check_declared(repo: Path, key: str, model: dict) -> None:
+    """dvc.yaml's `artifacts:` names this model's release (what `dvc artifacts get` and GTO read)."""
+    import yaml
+
+    from .compose import release_path
+
+    try:
+        declared = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("artifacts") or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise StageError(f"cannot read {repo / 'dvc.yaml'}: {e}") from None
+    want = release_path(key, model)
+    got = (declared.get(model["name"]) or {}).get("path")
+    if got != want:
+        found = f"no artifact {model['name']!r}" if got is None else f"artifact {model['name']!r} at {got}"
+        raise StageError(f"dvc.yaml declares {found}, but model {key} releases {want}: run `python -m "
+                         "stages.compose` (it writes one artifacts: entry per model) and commit dvc.yaml")
 
 
 def check_clean(repo: Path) -> None:
@@ -144,19 +165,23 @@ def check_bump(name: str, version: str, previous: str, changelog: dict) -> str:
            f"(min cosine {min_cos:.6f}); indexes built with {previous} stay valid"
 
 
-def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = False) -> dict:
-    """Publish; returns {"name", "version", "sha256", "published": bool, "changelog"}."""
+def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = False, model: str | None = None) -> dict:
+    """Publish model `model` of params (None: the only one); returns {"name", "version", "sha256",
+    "published": bool, "changelog"}."""
     from gto import api as gto
 
     from sbert_bundle.registry import RegistryError, download, published_versions, tag_message
 
     repo = Path(repo).resolve()
+    key = pick_model(params, model)
+    params = model_params(params, key)
     model, cfg = params["model"], params["publish"]
     name, version = model["name"], str(model["version"])
     semver(version)
     tag_version = f"v{version}"
     check_clean(repo)
-    archive = release_archive(repo, model)
+    check_declared(repo, key, model)
+    archive = release_archive(repo, key, model)
     check_sealed(archive)
     digest = sha256_file(archive)
     try:
@@ -192,8 +217,8 @@ def run(repo: Path, params: dict, stage: str | None = None, git_push: bool = Fal
 
     try:  # DVC resolves stage targets against the working directory
         with contextlib.chdir(repo), Repo(".") as dvc_repo:
-            pushed = dvc_repo.push(targets=[RELEASE_STAGE], remote=cfg.get("remote"))
-            missing = dvc_repo.status(targets=[RELEASE_STAGE], cloud=True, remote=cfg.get("remote"))
+            pushed = dvc_repo.push(targets=[f"{RELEASE_STAGE}@{key}"], remote=cfg.get("remote"))
+            missing = dvc_repo.status(targets=[f"{RELEASE_STAGE}@{key}"], cloud=True, remote=cfg.get("remote"))
     except Exception as e:  # noqa: BLE001 - DVC raises many types for an unreachable or misconfigured remote
         raise StageError(f"dvc push of the release to the remote failed ({type(e).__name__}: {e}); "
                          "no version tag was created") from None
@@ -228,7 +253,7 @@ def main() -> None:
         p.add_argument("--git-push", action="store_true", help="push the tags to the git remote 'origin'")
 
     def body(args):
-        result = run(Path("."), load_params(args.params), args.stage, args.git_push)
+        result = run(Path("."), load_params(args.params), args.stage, args.git_push, args.model)
         if not result["published"]:
             print(f"{result['name']}@{result['version']} is already published with this archive "
                   f"(sha256 {result['sha256']}); nothing to do")

@@ -1,6 +1,6 @@
 """Stage `quantize`: an INT8 variant that keeps parity (onnxruntime dynamic quantization).
 
-Reads artifacts/onnx/model_fused.onnx, writes artifacts/int8/:
+Reads artifacts/<model>/onnx/model_fused.onnx, writes artifacts/<model>/int8/:
   model_int8.onnx   quantize.method dynamic: per-channel QInt8 of the op types in quantize.op_types;
                     weight_only: MatMulNBits (see the end of this docstring)
   report.json       what was changed, which nodes stay fp32 and why, calibration parity
@@ -45,12 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ARTIFACTS, StageError, atomic_dir, cpu_session, load_params, row_cosines, stage_main, write_json
+from .common import StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json
 
 log = logging.getLogger("stages.quantize")
-ONNX = ARTIFACTS / "onnx"
-SPLIT = ARTIFACTS / "split"
-OUT = ARTIFACTS / "int8"
 SIDE_PATH = "_Outlier_"  # name marker of the fp32 side-path nodes
 
 
@@ -322,10 +319,11 @@ def dynamic(cfg: dict, src: Path, out_dir: Path, batches: list[dict]) -> dict:
 
 def main() -> None:
     def body(args):
-        cfg = load_params(args.params)["quantize"]
-        with atomic_dir(OUT) as tmp:
+        _, params, art = load_model(args)
+        cfg = params["quantize"]
+        with atomic_dir(art / "int8") as tmp:
             if cfg["enabled"]:
-                run(cfg, ONNX, SPLIT, tmp)
+                run(cfg, art / "onnx", art / "split", tmp)
             else:
                 write_json(tmp / "report.json", {"skipped": True, "reason": "quantize.enabled is false"})
 

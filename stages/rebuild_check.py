@@ -1,6 +1,6 @@
 """Rebuild a revision in a temporary clone and compare its outputs with what was published.
 
-    python -m stages.rebuild_check [REV] [--archive FILE] [--sha256 HEX] [--keep]
+    python -m stages.rebuild_check [REV] [--model KEY] [--archive FILE] [--sha256 HEX] [--keep]
 
 Clones this repository at REV (default HEAD) into a temporary folder, runs `dvc repro` there
 with this environment's python and dvc (first on PATH), and compares the md5 of every stage
@@ -14,7 +14,8 @@ parity figures differ in the last bits (another CPU type). A build output that d
 rebuilt bundle still passes verify's gates (the `dvc repro` in the clone runs verify on it) is
 reported as "differs within verify's gates".
 --archive FILE also takes a bundle.tar.gz; --sha256 HEX compares a published digest with
-the rebuilt bundle.tar.gz and release archive. Exit 0 when every compared output is the
+the rebuilt bundle.tar.gz and release archive of every model. --model names the model an
+--archive belongs to where REV builds several. Exit 0 when every compared output is the
 same, 1 otherwise. The environment is checked against the lock at REV first.
 """
 
@@ -35,7 +36,7 @@ import yaml
 
 from sbert_bundle.manifest import sha256_file
 
-from .common import REPO, StageError, git, stage_main
+from .common import REPO, StageError, git, model_dir, pick_model, stage_main
 from .package import LOCK_NAME, lock_drift, lock_pins
 
 log = logging.getLogger("stages.rebuild_check")
@@ -109,7 +110,7 @@ def verdict(outcomes: list[Outcome], repro_ok: bool) -> tuple[list[str], str | N
             text = f"differs (committed {o.committed}, rebuilt {o.rebuilt}); verify did not pass on the rebuild"
         if o.status in ("differs", "missing") and first is None:
             first = o.stage
-        lines.append(f"{o.stage:<13} {o.path:<32} {text}")
+        lines.append(f"{o.stage:<24} {o.path:<44} {text}")
     return lines, first
 
 
@@ -159,31 +160,31 @@ def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
     return clone, committed, done.returncode == 0
 
 
-def check_archive(clone: Path, archive: Path) -> tuple[bool, str]:
-    """A published bundle.tar.gz or release archive against the rebuild."""
+def check_archive(clone: Path, archive: Path, key: str) -> tuple[bool, str]:
+    """A published bundle.tar.gz or release archive of model `key` against the rebuild."""
     from sbert_bundle.bundle import REPORT_FILE
 
     want = sha256_file(archive)
     report = release_report(archive, REPORT_FILE)
     if report is None:
-        built = clone / "artifacts" / "bundle.tar.gz"
+        built = clone / model_dir(key) / "bundle.tar.gz"
         got = sha256_file(built) if built.is_file() else None
         return got == want, f"bundle archive {archive.name}: sha256 {want}, rebuilt {got}"
-    target = clone / "artifacts" / "verify" / "report.json"
+    target = clone / model_dir(key) / "verify" / "report.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(report)
-    done = subprocess.run([sys.executable, "-m", "stages.release", "--quiet"], cwd=clone, env=environment(),
+    done = subprocess.run([sys.executable, "-m", "stages.release", "--quiet", "--model", key], cwd=clone, env=environment(),
                           capture_output=True, text=True)
     if done.returncode:
         return False, (f"release archive {archive.name}: `release` refused the rebuilt bundle with the published "
                        f"report: {done.stderr.strip()}")
-    built = sorted((clone / "artifacts" / "release").glob("*.tar.gz"))
+    built = sorted((clone / model_dir(key) / "release").glob("*.tar.gz"))
     got = sha256_file(built[0]) if len(built) == 1 else None
     return got == want, f"release archive {archive.name} (with its own verify report): sha256 {want}, rebuilt {got}"
 
 
 def check_sha256(clone: Path, digest: str) -> tuple[bool, str]:
-    candidates = [clone / "artifacts" / "bundle.tar.gz", *sorted((clone / "artifacts" / "release").glob("*.tar.gz"))]
+    candidates = [*sorted(clone.glob("artifacts/*/bundle.tar.gz")), *sorted(clone.glob("artifacts/*/release/*.tar.gz"))]
     for path in candidates:
         if path.is_file() and sha256_file(path) == digest.lower():
             return True, f"sha256 {digest}: the rebuilt {path.relative_to(clone)}"
@@ -191,18 +192,23 @@ def check_sha256(clone: Path, digest: str) -> tuple[bool, str]:
                    "check it against the rebuild with its own verify report)")
 
 
-def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None) -> int:
+def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None, model: str | None = None) -> int:
     clone, committed, repro_ok = rebuild(rev, work)
     rebuilt = yaml.safe_load((clone / "dvc.lock").read_text())
     lines, first = verdict(compare(committed, rebuilt), repro_ok)
     print(f"rebuild of {rev} against its dvc.lock:")
     print("\n".join(lines))
     ok = first is None and repro_ok
-    for check, arg in ((check_archive, archive), (check_sha256, digest)):
-        if arg:
-            same, text = check(clone, arg)
-            print(("same: " if same else "DIFFERS: ") + text)
-            ok = ok and same
+    checks = []
+    if archive:
+        key = pick_model(yaml.safe_load((clone / "params.yaml").read_text()), model)
+        checks.append(lambda: check_archive(clone, archive, key))
+    if digest:
+        checks.append(lambda: check_sha256(clone, digest))
+    for check in checks:
+        same, text = check()
+        print(("same: " if same else "DIFFERS: ") + text)
+        ok = ok and same
     if first:
         print(f"first difference: stage {first}")
     if not repro_ok:
@@ -223,7 +229,7 @@ def main() -> None:
             raise StageError(f"--archive {args.archive}: no such file")
         work = Path(tempfile.mkdtemp(prefix="sbert-rebuild-"))
         try:
-            code = run(args.rev, work, args.archive and args.archive.resolve(), args.sha256)
+            code = run(args.rev, work, args.archive and args.archive.resolve(), args.sha256, args.model)
         finally:
             if args.keep:
                 print(f"clone kept in {work / 'src'}")

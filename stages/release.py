@@ -1,6 +1,6 @@
 """Stage `release`: seal the verified bundle with the verify report that cleared it.
 
-Writes artifacts/release/<name>-<version>.tar.gz holding bundle/ (unchanged: what was
+Writes artifacts/<model>/release/<name>-<version>.tar.gz holding bundle/ (unchanged: what was
 verified), verify.json (the report: which gates each variant passed, on which device) and
 release.json, the seal: the sha256 of verify.json and of bundle/manifest.json (which covers
 every file of the bundle). `sbert_bundle.Bundle.load` on this archive uses the report only
@@ -18,13 +18,10 @@ from sbert_bundle.archive import REPORT_FILE, SEAL_FILE
 from sbert_bundle.bundle import report_problems
 from sbert_bundle.manifest import MANIFEST_FILE, sha256_file
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, read_json, stage_main, write_json
+from .common import StageError, atomic_dir, load_model, read_json, stage_main, write_json
 from .package import archive
 
 log = logging.getLogger("stages.release")
-BUNDLE = ARTIFACTS / "bundle"
-REPORT = ARTIFACTS / "verify" / "report.json"
-OUT = ARTIFACTS / "release"
 
 
 def run(model: dict, compresslevel: int, bundle: Path, report: Path, out_dir: Path) -> Path:
@@ -49,10 +46,11 @@ def run(model: dict, compresslevel: int, bundle: Path, report: Path, out_dir: Pa
 
 def main() -> None:
     def body(args):
-        params = load_params(args.params)
-        with atomic_dir(OUT) as tmp:
-            dest = run(params["model"], params["package"]["compresslevel"], BUNDLE, REPORT, tmp)
-        log.info("released %s", OUT / dest.name)
+        _, params, art = load_model(args)
+        with atomic_dir(art / "release") as tmp:
+            dest = run(params["model"], params["package"]["compresslevel"], art / "bundle",
+                       art / "verify" / "report.json", tmp)
+        log.info("released %s", art / "release" / dest.name)
 
     stage_main(__doc__, body)
 

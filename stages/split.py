@@ -1,6 +1,6 @@
 """Stage `split`: cut a sentence-transformers model at its Transformer by modules.json.
 
-Reads artifacts/source/model/ and writes artifacts/split/:
+Reads artifacts/<model>/source/model/ and writes artifacts/<model>/split/:
   transformer/   the Hugging Face model + tokenizer (with tokenizer.json) to export
   modules/       files that go verbatim into the bundle root: head.json and the Dense
                  weights it points at (read by sbert_bundle), plus the sentence-transformers
@@ -19,11 +19,9 @@ import numpy as np
 
 from sbert_bundle.head import HEAD_FILE, Dense, Head, Normalize, Pooling
 
-from .common import ARTIFACTS, StageError, atomic_dir, load_params, read_json, stage_main, write_json
+from .common import StageError, atomic_dir, load_model, read_json, stage_main, write_json
 
 log = logging.getLogger("stages.split")
-SOURCE = ARTIFACTS / "source" / "model"
-OUT = ARTIFACTS / "split"
 
 SUPPORTED = ("Transformer", "Pooling", "Dense", "Normalize")
 # A Hugging Face tokenizer needs one of these (transformers 5 otherwise builds an empty default one).
@@ -377,9 +375,9 @@ def run(model_dir: Path, out_dir: Path) -> Head:
 
 def main() -> None:
     def body(args):
-        load_params(args.params)
-        with atomic_dir(OUT) as tmp:
-            head = run(SOURCE, tmp)
+        _, _, art = load_model(args)
+        with atomic_dir(art / "split") as tmp:
+            head = run(art / "source" / "model", tmp)
         log.info("split: transformer + %s (dim %d, max_seq_length %d)",
                  [type(m).__name__ for m in head.modules], head.embedding_dimension, head.max_seq_length)
 

@@ -7,13 +7,13 @@ and checks the gates in conf/verify/. Parity is against PyTorch fp32 on the CPU;
 TensorRT variants). Writes (never touching the bundle), in two kinds:
   what repeats bit for bit on the same kind of machine (stage outputs in dvc.lock; release seals
   report.json, so a rebuild gives the same release archive):
-    artifacts/verify/report.json      gate results per variant: device, parity, worst sentence
-    artifacts/verify/metrics.json     DVC metrics: parity per variant
-    artifacts/verify/plots/cosine/    DVC plots: per-sentence cosine, sorted
+    artifacts/<model>/verify/report.json      gate results per variant: device, parity, worst sentence
+    artifacts/<model>/verify/metrics.json     DVC metrics: parity per variant
+    artifacts/<model>/verify/plots/cosine/    DVC plots: per-sentence cosine, sorted
   measurements that differ on every run (DVC metrics and plots declared at the top of dvc.yaml,
   not stage outputs, so they never make dvc.lock or the release differ):
-    artifacts/verify/speed.json       throughput, speedup and latency buckets per variant
-    artifacts/verify/plots/latency/   DVC plots: latency vs batch size
+    artifacts/<model>/verify/speed.json       throughput, speedup and latency buckets per variant
+    artifacts/<model>/verify/plots/latency/   DVC plots: latency vs batch size
 Exits 1 naming every failed gate (variant, figure, threshold, worst sentence).
 
 Also usable on any bundle:  python -m stages.verify --bundle PATH --reference MODEL_DIR
@@ -31,13 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .common import (ARTIFACTS, StageError, atomic_dir, atomic_file, load_params, progress_enabled, row_cosines,
-                     stage_main, write_json)
+from .common import (StageError, atomic_dir, atomic_file, load_model, progress_enabled, row_cosines, stage_main,
+                     write_json)
 
 log = logging.getLogger("stages.verify")
-BUNDLE = ARTIFACTS / "bundle"
-REFERENCE = ARTIFACTS / "source" / "model"
-OUT = ARTIFACTS / "verify"
 TOP_K = 10
 
 
@@ -296,13 +293,17 @@ def write_outputs(report: dict, out: Path) -> None:
 
 def main() -> None:
     def add_args(p):
-        p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder or .tar.gz (default: %(default)s)")
-        p.add_argument("--reference", type=Path, default=REFERENCE,
-                       help="sentence-transformers model folder to compare with (default: %(default)s)")
-        p.add_argument("--out", type=Path, default=OUT, help="where metrics, report and plots go (default: %(default)s)")
+        p.add_argument("--bundle", type=Path, help="bundle folder or .tar.gz (default: artifacts/<model>/bundle)")
+        p.add_argument("--reference", type=Path,
+                       help="sentence-transformers model folder to compare with (default: artifacts/<model>/source/model)")
+        p.add_argument("--out", type=Path, help="where metrics, report and plots go (default: artifacts/<model>/verify)")
 
     def body(args):
-        cfg = load_params(args.params)["verify"]
+        _, params, art = load_model(args)
+        cfg = params["verify"]
+        args.bundle = args.bundle or art / "bundle"
+        args.reference = args.reference or art / "source" / "model"
+        args.out = args.out or art / "verify"
         for path, what in ((args.bundle, "bundle"), (args.reference, "reference model")):
             if not path.exists():
                 raise StageError(f"{what} {path} not found")

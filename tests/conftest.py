@@ -100,9 +100,22 @@ def make_st_model(path: Path, *, arch: str = "bert", pooling=("mean",), dense=No
 
 
 @pytest.fixture(scope="session")
-def params() -> dict:
-    """The committed params.yaml (itself the composition of conf/)."""
+def raw_params() -> dict:
+    """The committed params.yaml (itself the composition of conf/): `model` maps each model to build."""
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def params(raw_params) -> dict:
+    """The params of the default (first) model, shaped as one build reads them (stages.common.model_params)."""
+    from stages.common import model_keys, model_params
+
+    return model_params(raw_params, model_keys(raw_params)[0])
+
+
+def as_params_file(p: dict, key: str = "tiny") -> dict:
+    """One model's params (the `params` fixture's shape) as params.yaml holds them: `model` maps key to it."""
+    return {**p, "model": {key: {**p["model"], "overrides": {}}}}
 
 
 def fast_params(params: dict) -> dict:

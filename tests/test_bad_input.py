@@ -181,7 +181,7 @@ def test_split_command_line_exits_1_with_one_error_line_and_writes_nothing(tmp_p
     work.mkdir()
     shutil.copy2(REPO / "params.yaml", work / "params.yaml")
     edit_modules(model, 1, type=UNSUPPORTED_TYPE)
-    shutil.copytree(model, work / "artifacts" / "source" / "model")
+    shutil.copytree(model, work / "artifacts" / "minilm_l6" / "source" / "model")  # the default model's folder
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "stages.split"], cwd=work, env=env, capture_output=True,
                             text=True, timeout=300)
@@ -190,8 +190,8 @@ def test_split_command_line_exits_1_with_one_error_line_and_writes_nothing(tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert "entry 1" in errors[0] and repr(UNSUPPORTED_TYPE) in errors[0]
-    assert "artifacts/source/model/modules.json" in errors[0]
-    assert_nothing_left(work / "artifacts", "split")
+    assert "artifacts/minilm_l6/source/model/modules.json" in errors[0]
+    assert_nothing_left(work / "artifacts" / "minilm_l6", "split")
 
 
 # --- split: what sbert_bundle cannot reproduce is refused, not silently changed -------------------------

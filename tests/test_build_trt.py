@@ -1,11 +1,13 @@
-"""build_trt: profile checks, the recorded skip, and (where TensorRT and a GPU exist) a real plan."""
+"""build_trt: profile checks, GPU targets, the recorded skip, and (where TensorRT and a GPU exist) a real plan."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import SENTENCES
+from conftest import REPO, SENTENCES
 from stages import build_trt
 from stages.common import StageError
 
@@ -37,13 +39,65 @@ def test_default_profiles_are_valid(params):
 
 
 @pytest.mark.skipif(TRT is not None, reason="TensorRT and a GPU are present: the build test runs instead")
-def test_skip_is_recorded_with_its_reason(tmp_path, params):
-    cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin")}
-    record = build_trt.run(cfg, tmp_path / "model.onnx", tmp_path)
-    assert record == {"skipped": True, "reason": WHY_NOT, "plans": []}
-    assert json.loads((tmp_path / "build.json").read_text()) == record
+def test_each_target_records_its_skip_with_the_reason(tmp_path, params):
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches")}
+    records = build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt")
+    assert list(records) == ["h100", "l4", "a10g"]
+    for name, capability in [("h100", "9.0"), ("l4", "8.9"), ("a10g", "8.6")]:
+        assert records[name] == {"target": name, "compute_capability": capability, "skipped": True,
+                                 "reason": WHY_NOT, "plans": []}
+        assert json.loads((tmp_path / "trt" / name / "build.json").read_text()) == records[name]
+        assert (tmp_path / "caches" / f"{name}.cache").exists()  # each target's timing cache, for its next build
     assert "TensorRT" in WHY_NOT or "GPU" in WHY_NOT
-    assert (tmp_path / "cache.bin").exists()  # the persisted timing cache exists for the next build
+
+
+def test_one_target_is_built_alone(tmp_path, params):
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches")}
+    records = build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt", only="l4")
+    assert list(records) == ["l4"] and records["l4"]["compute_capability"] == "8.9"
+    assert sorted(p.name for p in (tmp_path / "trt").iterdir()) == ["l4"]
+
+
+def test_unknown_target_is_one_line_naming_the_known_ones(tmp_path, params):
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches")}
+    with pytest.raises(StageError, match=r"^--target 'v100' is not in trt.targets; known: h100, l4, a10g$"):
+        build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt", only="v100")
+    assert not (tmp_path / "trt").exists()
+    done = subprocess.run([sys.executable, "-m", "stages.build_trt", "--target", "v100"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr == "error: --target 'v100' is not in trt.targets; known: h100, l4, a10g\n"
+
+
+def test_a_gpu_of_another_compute_capability_skips_the_target_naming_both():
+    l4 = {"gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    assert build_trt.target_skip("h100", {"compute_capability": "9.0"}, l4) == \
+        "this GPU is sm_89 (NVIDIA L4); target h100 needs 9.0"
+    assert build_trt.target_skip("l4", {"compute_capability": "8.9"}, l4) == ""
+
+
+def test_a_target_without_profiles_uses_the_shared_ones(params):
+    own = {"only": {"min": [1, 1], "opt": [1, 64], "max": [4, 512], "per_input": {}}}
+    cfg = {**params["trt"], "targets": {"h100": {"compute_capability": "9.0", "resource": "gpu_h100", "profiles": None},
+                                        "l4": {"compute_capability": "8.9", "resource": "gpu_l4", "profiles": own}}}
+    found = build_trt.targets(cfg)
+    assert found["h100"]["profiles"] == params["trt"]["profiles"] and found["l4"]["profiles"] == own
+
+
+@pytest.mark.parametrize("targets, message", [
+    ({"H100!": {"compute_capability": "9.0", "resource": "gpu_h100"}}, r"trt.targets has 'H100!': a target name is"),
+    ({"../up": {"compute_capability": "9.0", "resource": "gpu_h100"}}, r"trt.targets has '../up'"),
+    ({"h100": {"compute_capability": 9.0, "resource": "gpu_h100"}}, r"compute_capability is 9.0; expected a quoted"),
+    ({"h100": {"compute_capability": "9", "resource": "gpu_h100"}}, r"compute_capability is '9'; expected a quoted"),
+    ({"h100": {"compute_capability": "9.0"}}, r"trt.targets.h100.resource is None"),
+    ({"h100": {"compute_capability": "9.0", "resource": "gpu_h100", "gpu": "H100"}}, r"has \['gpu'\]; known"),
+    ({}, "trt.targets must name at least one GPU target"),
+])
+def test_bad_targets_are_refused_before_anything_is_built(targets, message, params, tmp_path):
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches"), "targets": targets}
+    with pytest.raises(StageError, match=message):
+        build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt")
+    assert not (tmp_path / "trt").exists()
 
 
 @pytest.mark.tensorrt
@@ -52,16 +106,21 @@ def test_plan_builds_runs_and_matches_onnxruntime(tiny_bundle, tmp_path, params)
     from sbert_bundle import Bundle
     from sbert_bundle.trt import TrtBackend
 
-    cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin"),
+    here = build_trt.gpu_info()
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches"),
+           "targets": {"here": {"compute_capability": here["compute_capability"], "resource": "gpu_here",
+                                "profiles": None}},
            "profiles": {"small": {"min": [1, 1], "opt": [4, 16], "max": [16, 64], "per_input": {}}}}
-    record = build_trt.run(cfg, tiny_bundle / "onnx" / "model_fp16.onnx", tmp_path)  # fp16: strongly typed
+    record = build_trt.run(cfg, tiny_bundle / "onnx" / "model_fp16.onnx", tmp_path)["here"]  # fp16: strongly typed
     plan = record["plans"][0]
+    assert not record["skipped"] and plan["metadata"]["target"] == "here"
+    assert plan["metadata"]["compute_capability"] == here["compute_capability"]
     assert plan["metadata"]["tensorrt_version"] == TRT.__version__
     assert plan["metadata"]["source_graph"] == "model_fp16.onnx" and plan["metadata"]["strongly_typed"]
-    assert (tmp_path / "cache.bin").stat().st_size > 0
+    assert (tmp_path / "caches" / "here.cache").stat().st_size > 0
     ort = Bundle.load(tiny_bundle, variant="fp32")
     features = ort.tokenizer(SENTENCES[:4])
-    trt_out = TrtBackend(tmp_path / plan["file"], {"tensorrt": plan["metadata"]})(features)
+    trt_out = TrtBackend(tmp_path / "here" / plan["file"], {"tensorrt": plan["metadata"]})(features)
     ref = ort.backend(features)
     mask = features["attention_mask"].astype(bool)
     a, b = trt_out[mask], ref[mask]
@@ -90,7 +149,7 @@ def test_settings_follow_the_config(params):
     ({"exclude_lean_runtime": True}, r"exclude_lean_runtime needs trt.version_compatible: true"),
 ])
 def test_bad_settings_are_refused_before_anything_is_built(change, message, params, tmp_path):
-    cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin"), **change}
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches"), **change}
     with pytest.raises(StageError, match=message):
-        build_trt.run(cfg, tmp_path / "model.onnx", tmp_path)
-    assert not (tmp_path / "build.json").exists()
+        build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt")
+    assert not (tmp_path / "trt").exists()

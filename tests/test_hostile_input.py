@@ -456,7 +456,7 @@ def test_kill_during_the_output_swap_never_mixes_old_and_new(tmp_path, kill_at):
 
 
 def test_concurrent_run_of_a_stage_stops_at_once_with_one_line(tmp_path):
-    out = tmp_path / "artifacts" / "split"
+    out = tmp_path / "artifacts" / "minilm_l6" / "split"  # the default model's
     ready = tmp_path / "ready"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path\n"
@@ -480,7 +480,7 @@ def test_concurrent_run_of_a_stage_stops_at_once_with_one_line(tmp_path):
                                 text=True, env=ENV, timeout=120)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr
-        assert "error: artifacts/split is being written by another run" in result.stderr
+        assert "error: artifacts/minilm_l6/split is being written by another run" in result.stderr
     finally:
         holder.kill()
         holder.wait()
@@ -563,7 +563,7 @@ def remote_code_model(good: Path, dest: Path, where: str) -> tuple[Path, Path]:
 def test_auto_map_model_is_refused_on_a_terminal_without_a_prompt(tiny_model, tmp_path, where):
     """On a terminal transformers would ask whether to run the folder's code: no prompt, no code."""
     work = tmp_path / "work"
-    model, marker = remote_code_model(tiny_model, work / "artifacts" / "source" / "model", where)
+    model, marker = remote_code_model(tiny_model, work / "artifacts" / "minilm_l6" / "source" / "model", where)
     (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
     pid, fd = pty.fork()
     if pid == 0:  # the child: the stage on a pseudo-terminal
@@ -590,7 +590,7 @@ def test_auto_map_model_is_refused_on_a_terminal_without_a_prompt(tiny_model, tm
     assert f"{where} has an auto_map" in text and "never does" in text
     assert "[y/N]" not in text and "trust_remote_code" not in text
     assert not marker.exists(), "code from the model folder ran"
-    assert not (work / "artifacts" / "split").exists()
+    assert not (work / "artifacts" / "minilm_l6" / "split").exists()
 
 
 def test_pickle_only_checkpoint_that_is_not_plain_tensors_is_one_line(tiny_model, tmp_path):

@@ -135,17 +135,18 @@ def test_modernbert_long_context_8192(tmp_path, params):
     long = " ".join(["the quick brown fox jumps over the lazy dog"] * 80)  # ~720 tokens, past 512
     assert_parity(bundle_dir, model, sentences=CORPUS[::4] + [long])
     # the default TensorRT profiles stop at 512 tokens: that is checked only where plans are built
-    cfg = {**params["trt"], "timing_cache": str(tmp_path / "cache.bin")}
-    (tmp_path / "trt").mkdir()
+    cfg = {**params["trt"], "timing_cache": str(tmp_path / "caches")}
     if build_trt.availability()[0] is None:
-        assert build_trt.run(cfg, tmp_path / "none.onnx", tmp_path / "trt", 8192)["skipped"]
+        records = build_trt.run(cfg, tmp_path / "none.onnx", tmp_path / "trt", 8192)
+        assert all(r["skipped"] for r in records.values())
 
 
 def test_build_trt_disabled_does_not_check_profiles(tmp_path, params):
-    (tmp_path / "trt").mkdir()
-    cfg = {**params["trt"], "enabled": False, "timing_cache": str(tmp_path / "cache.bin")}
-    record = build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt", 8192)
-    assert record == {"skipped": True, "reason": "trt.enabled is false", "plans": []}
+    cfg = {**params["trt"], "enabled": False, "timing_cache": str(tmp_path / "caches")}
+    records = build_trt.run(cfg, tmp_path / "model.onnx", tmp_path / "trt", 8192)
+    assert records["h100"] == {"target": "h100", "compute_capability": "9.0", "skipped": True,
+                               "reason": "trt.enabled is false", "plans": []}
+    assert {r["reason"] for r in records.values()} == {"trt.enabled is false"}
     with pytest.raises(StageError, match="max_seq_length is 8192"):  # what a build would refuse
         build_trt.check_coverage(cfg["profiles"], 8192)
 

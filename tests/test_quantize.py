@@ -11,7 +11,6 @@ from conftest import build_bundle, fast_params
 from sbert_bundle import Bundle
 from stages import quantize
 from stages.common import StageError
-from stages.compose import compose
 
 
 def test_weight_only_int8_is_matmulnbits_and_keeps_parity(tiny_model, params, tmp_path):
@@ -42,8 +41,3 @@ def test_unknown_method_is_one_line_naming_it(params, tmp_path):
     with pytest.raises(StageError, match=r"quantize.method is 'static'; choose one of \['dynamic', 'weight_only'\]"):
         quantize.run(cfg, tmp_path, tmp_path, tmp_path)
 
-
-def test_mpnet_builds_weight_only_int8_and_minilm_dynamic():
-    mpnet = compose(["model=mpnet_base"])["quantize"]
-    assert mpnet["enabled"] and mpnet["method"] == "weight_only"
-    assert compose([])["quantize"]["method"] == "dynamic"

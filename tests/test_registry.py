@@ -3,7 +3,7 @@
 A producer repository publishes sealed tiny releases with `stages.publish.run`; consumers pull
 them with `sbert-bundle pull` (in a process where torch cannot be imported), `dvc artifacts get`
 and `gto`. The producer's pipeline is a one-stage stand-in (copy a prebuilt release archive to
-artifacts/release/), so that each test takes seconds; the real pipeline's release is the same
+artifacts/tiny/release/), so that each test takes seconds; the real pipeline's release is the same
 kind of archive.
 """
 
@@ -37,16 +37,20 @@ CORPUS = ["a cat sat on the mat", "the quick brown fox", "hello world", "python 
           "the dog is in the park with a ball", "two", "fast slow red", "a long sentence about data and code",
           "", "the lazy dog jumps over the quick fox"]
 
+# The real pipeline's shape: release is one cell per model (release@tiny), and dvc.yaml's artifacts:
+# names each model's release literally, as `python -m stages.compose` writes it.
 DVC_YAML = """
 stages:
   release:
-    cmd: mkdir -p artifacts/release && cp src/release.tar.gz artifacts/release/${model.name}-${model.version}.tar.gz
-    deps: [src/release.tar.gz]
-    params: [model]
-    outs: [artifacts/release]
+    foreach: ${{model}}
+    do:
+      cmd: mkdir -p artifacts/${{key}}/release && cp src/release.tar.gz artifacts/${{key}}/release/${{item.name}}-${{item.version}}.tar.gz
+      deps: [src/release.tar.gz]
+      params: ["model.${{key}}"]
+      outs: ["artifacts/${{key}}/release"]
 artifacts:
-  ${model.name}:
-    path: artifacts/release/${model.name}-${model.version}.tar.gz
+  {name}:
+    path: artifacts/tiny/release/{name}-{version}.tar.gz
     type: model
 """
 
@@ -88,7 +92,6 @@ class Producer:
         subprocess.run([BIN / "dvc", "init", "-q"], cwd=root, env=ENV, check=True)
         (root / ".dvc" / "config").write_text(
             f"[core]\n    analytics = false\n    remote = registry\n['remote \"registry\"']\n    url = {remote}\n")
-        (root / "dvc.yaml").write_text(DVC_YAML)
         (root / "corpus.jsonl").write_text("".join(json.dumps(s) + "\n" for s in CORPUS))
         (root / "src").mkdir()
 
@@ -97,8 +100,9 @@ class Producer:
 
     def build(self, release: Path, name: str = "tiny-model", version: str = "1.0.0") -> None:
         """Set the model and its release, reproduce and commit: a clean tree, as publish wants."""
+        (self.root / "dvc.yaml").write_text(DVC_YAML.format(name=name, version=version))
         (self.root / "params.yaml").write_text(yaml.safe_dump({
-            "model": {"name": name, "version": version},
+            "model": {"tiny": {"name": name, "version": version, "overrides": {}}},
             "publish": {"remote": None, "corpus": "corpus.jsonl", "batch_size": 4, "min_cosine": 0.9999}}))
         shutil.copy(release, self.root / "src" / "release.tar.gz")
         subprocess.run([BIN / "dvc", "repro", "-q"], cwd=self.root, env=ENV, check=True)

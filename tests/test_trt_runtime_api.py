@@ -108,23 +108,28 @@ H100 = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
 @needs_trt
-@pytest.mark.parametrize("built, here, ok, reason", [
-    ({"hardware_compatibility": "NONE", **H100}, H100, True, ""),
-    ({"hardware_compatibility": "NONE", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"}, False,
-     "plan built for NVIDIA H100 80GB HBM3 (sm 9.0), this GPU is NVIDIA H200 (sm 9.0)"),
+@pytest.mark.parametrize("built, here, expected", [
+    ({"hardware_compatibility": "NONE", **H100}, H100, ("cuda", "")),
+    ({"hardware_compatibility": "NONE", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
+     (None, "plan built for NVIDIA H100 80GB HBM3 (sm 9.0), this GPU is NVIDIA H200 (sm 9.0)")),
     ({"hardware_compatibility": "SAME_COMPUTE_CAPABILITY", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
-     True, ""),
+     ("cuda", "")),
     ({"hardware_compatibility": "SAME_COMPUTE_CAPABILITY", **H100}, {"gpu": "NVIDIA A100", "compute_capability": "8.0"},
-     False, "plan built for compute capability 9.0, this GPU is NVIDIA A100 (sm 8.0)"),
-    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, True, ""),
-    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "Tesla T4", "compute_capability": "7.5"}, False,
-     "plan needs an Ampere or newer GPU, this is Tesla T4 (sm 7.5)"),
+     (None, "built for sm_90 (h100), this GPU is sm_80 (NVIDIA A100)")),
+    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "NVIDIA H200", "compute_capability": "9.0"},
+     ("cuda", "")),
+    # another target's hardware-compatible plan runs, but only when named: not picked by variant=None
+    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "NVIDIA A100", "compute_capability": "8.0"},
+     ("cuda", "built for sm_90 (h100), this GPU is sm_80 (NVIDIA A100); hardware-compatible, so used only when named")),
+    ({"hardware_compatibility": "AMPERE_PLUS", **H100}, {"gpu": "Tesla T4", "compute_capability": "7.5"},
+     (None, "built for sm_90 (h100), this GPU is sm_75 (Tesla T4)")),
 ])
-def test_plan_compatibility_decisions(built, here, ok, reason, monkeypatch):
+def test_plan_compatibility_decisions(built, here, expected, monkeypatch):
     """The rules on a given GPU identity (the GPU query is replaced; TensorRT is the real module)."""
     monkeypatch.setattr(trt_backend, "gpu_here", lambda device_id=0: here)
     meta = {"tensorrt_version": TRT.__version__, "flags": ["VERSION_COMPATIBLE"], **built}
-    assert trt_backend.plan_compatibility({"backend": "tensorrt", "tensorrt": meta}) == (("cuda", "") if ok else (None, reason))
+    variant = {"backend": "tensorrt", "target": "h100", "compute_capability": "9.0", "tensorrt": meta}
+    assert trt_backend.plan_compatibility(variant) == expected
 
 
 @pytest.mark.parametrize("built, running, flags, lean, ok", [
@@ -166,7 +171,7 @@ def test_the_plan_is_checked_against_the_chosen_cuda_device(monkeypatch):
                "tensorrt": meta}
     assert trt_backend.plan_compatibility(variant, 0) == ("cuda", "")
     device, why = trt_backend.plan_compatibility(variant, 1)
-    assert device is None and why.endswith("this GPU is NVIDIA A100 (sm 8.0)")
+    assert device is None and why.endswith("this GPU is sm_80 (NVIDIA A100)")
     from sbert_bundle.bundle import rank_variants  # and through the loader's ranking
 
     manifest = {"variants": {"trt-fp16": variant}}

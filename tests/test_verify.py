@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, fast_params
+from conftest import REPO, as_params_file, fast_params
 from sbert_bundle.manifest import MANIFEST_FILE, write_manifest
 from stages import verify
 
@@ -198,7 +198,7 @@ def params_file(params, corpus, tmp_path_factory) -> Path:
     p = fast_params(params)
     p["verify"]["corpus"] = str(corpus)
     path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text(yaml.safe_dump(p))
+    path.write_text(yaml.safe_dump(as_params_file(p)))
     return path
 
 

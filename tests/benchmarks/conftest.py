@@ -1,4 +1,4 @@
-"""Benchmarks run on the bundle that `make repro` built (artifacts/bundle)."""
+"""Benchmarks run on the bundle that `make repro` built (artifacts/minilm_l6/bundle)."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUNDLE = REPO / "artifacts" / "bundle"
-REFERENCE = REPO / "artifacts" / "source" / "model"
+BUNDLE = REPO / "artifacts" / "minilm_l6" / "bundle"
+REFERENCE = REPO / "artifacts" / "minilm_l6" / "source" / "model"
 
 
 @pytest.fixture(scope="session")

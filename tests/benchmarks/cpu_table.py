@@ -1,6 +1,6 @@
 """CPU speed and parity table: every CPU variant of a bundle against sentence-transformers.
 
-    .venv/bin/python tests/benchmarks/cpu_table.py [--bundle artifacts/bundle] [--rounds 5]
+    .venv/bin/python tests/benchmarks/cpu_table.py [--bundle artifacts/minilm_l6/bundle] [--rounds 5]
 
 End to end (tokenization included) on the evaluation corpus. PyTorch and each variant are
 timed in alternating rounds in this one process, and the ratio is the median of the
@@ -27,8 +27,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle")
-    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "source" / "model")
+    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "minilm_l6" / "bundle")
+    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "minilm_l6" / "source" / "model")
     parser.add_argument("--corpus", type=Path, default=REPO / "stages" / "data" / "eval_corpus.jsonl")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)

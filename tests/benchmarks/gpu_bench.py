@@ -84,9 +84,9 @@ def targets(by: dict, shapes: list, e2e_ratio: float) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle")
-    parser.add_argument("--transformer", type=Path, default=REPO / "artifacts" / "split" / "transformer")
-    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "source" / "model")
+    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "minilm_l6" / "bundle")
+    parser.add_argument("--transformer", type=Path, default=REPO / "artifacts" / "minilm_l6" / "split" / "transformer")
+    parser.add_argument("--reference", type=Path, default=REPO / "artifacts" / "minilm_l6" / "source" / "model")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--sentences", type=int, default=20000)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
@@ -128,9 +128,9 @@ def main() -> None:
 
     placed = {n: pick_device(v) for n, v in manifest["variants"].items() if v["backend"] == "tensorrt"}
     for name, (device, why) in placed.items():
-        if device is None:
+        if device is None or why:  # not here, or another GPU target's plan (runs only when named)
             print(f"TensorRT plan {name} skipped: {why}")
-    trt_plans = [n for n, (device, _) in placed.items() if device is not None]
+    trt_plans = [n for n, (device, why) in placed.items() if device is not None and not why]  # this GPU's target
     if trt_plans and args.device == "cuda":
         bundle = Bundle.load(args.bundle, variant=trt_plans[0])
         for shape in shapes:

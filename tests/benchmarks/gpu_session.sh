@@ -21,7 +21,7 @@ pack() {
   "${get[@]}" onnxruntime-gpu==1.31.1 onnxconverter-common pytest pluggy iniconfig  # 1.31.1: CUDA 13 there
   grep -qx '/.devpack/' .git/info/exclude || echo '/.devpack/' >> .git/info/exclude
   mkdir -p .devpack  # a folder pattern: git only sees it ignored once the folder exists
-  ../shared/tools/device-pack .devpack "$wheels" artifacts/bundle artifacts/source/model
+  ../shared/tools/device-pack .devpack "$wheels" artifacts/minilm_l6/bundle artifacts/minilm_l6/source/model
 }
 
 run() {
@@ -33,15 +33,15 @@ run() {
   mkdir -p /tmp/unpacked && tar xf /tmp/pack.tar -C /tmp/unpacked
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/unpacked/tmp/gpu-wheels/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  mkdir -p artifacts "$OUT/results"
-  cp -r /tmp/unpacked/artifacts/bundle /tmp/unpacked/artifacts/source artifacts/
+  mkdir -p artifacts/minilm_l6 "$OUT/results"
+  cp -r /tmp/unpacked/artifacts/minilm_l6/bundle /tmp/unpacked/artifacts/minilm_l6/source artifacts/minilm_l6/
   { nvidia-smi || true; python3 -c "import torch, onnxruntime as o; print(torch.__version__, o.__version__, o.get_available_providers())"
   } > "$OUT/env.txt" 2>&1
-  python3 -c "import torch, sys; from sbert_bundle.cli import main; sys.exit(main(['inspect', 'artifacts/bundle']))" \
+  python3 -c "import torch, sys; from sbert_bundle.cli import main; sys.exit(main(['inspect', 'artifacts/minilm_l6/bundle']))" \
     > "$OUT/inspect.txt" 2>&1 || true  # torch first: onnxruntime-gpu finds the CUDA libraries it loaded
   python3 -m stages.verify > "$OUT/verify.txt" 2>&1 || echo "verify failed (see verify.txt)"
-  cp -r artifacts/verify "$OUT/" 2>/dev/null || true
-  python3 tests/benchmarks/gpu_bench.py --transformer artifacts/source/model --out "$OUT/results" \
+  cp -r artifacts/minilm_l6/verify "$OUT/" 2>/dev/null || true
+  python3 tests/benchmarks/gpu_bench.py --transformer artifacts/minilm_l6/source/model --out "$OUT/results" \
     > "$OUT/gpu_bench.txt" 2>&1 || echo "gpu_bench failed (see gpu_bench.txt)"
   python3 -m pytest -p no:cacheprovider -m "gpu or tensorrt" -rs tests/test_gpu.py tests/test_build_trt.py \
     > "$OUT/pytest.txt" 2>&1 || echo "GPU tests failed (see pytest.txt)"
