@@ -85,9 +85,9 @@ def peer_models(model: Path, work: Path, threads: int, qconfigs: list[str]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", type=Path, default=REPO / "artifacts" / "source" / "model",
+    parser.add_argument("--model", type=Path, default=REPO / "artifacts" / "minilm_l6" / "source" / "model",
                         help="sentence-transformers folder (the reference and the peers' source)")
-    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle")
+    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "minilm_l6" / "bundle")
     parser.add_argument("--corpus", type=Path, default=REPO / "stages" / "data" / "eval_corpus.jsonl")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for every contender (default: all cores)")
