@@ -9,6 +9,7 @@ the real stage functions (fetch → split → export_onnx → convert_fp16 → p
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from pathlib import Path
 
@@ -285,3 +286,18 @@ def make_zoo_model(path: Path, family: str, *, pooling=("mean",), dense=None, no
     SentenceTransformer(modules=modules, device="cpu", prompts=prompts,
                         default_prompt_name=default_prompt_name).save(str(path))
     return path
+
+
+def first_module(*names):
+    """The first of the named modules that imports, or None (TensorRT: full builder or lean runtime)."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+TRT = first_module("tensorrt", "tensorrt_lean")
+needs_trt = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_lean is installed "
+                               "(pip install tensorrt-lean-cu13 gives the lean runtime from PyPI)")

@@ -8,31 +8,19 @@ instead of on the first GPU machine. Building and running a plan needs a GPU: te
 
 import ast
 import ctypes
-import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import TRT, first_module, needs_trt
 from sbert_bundle import trt as trt_backend
 
 
-def _module(*names):
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-TRT = _module("tensorrt", "tensorrt_lean")
 try:
     CUDART = trt_backend._cudart()
 except ImportError:
     CUDART = None
-needs_trt = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_lean is installed "
-                               "(pip install tensorrt-lean-cu13 gives the lean runtime from PyPI)")
 needs_cudart = pytest.mark.skipif(CUDART is None, reason="cuda-python is not installed (pip install cuda-python)")
 
 
@@ -96,7 +84,7 @@ def test_without_a_gpu_a_plan_is_refused_with_the_reason():
     assert device is None and why.startswith("no usable CUDA GPU (RuntimeError: CUDA error cuda")
 
 
-@pytest.mark.skipif(_module("tensorrt") is not None or _module("tensorrt_lean") is None,
+@pytest.mark.skipif(first_module("tensorrt") is not None or first_module("tensorrt_lean") is None,
                     reason="needs the lean runtime without full TensorRT")
 def test_lean_runtime_refuses_a_plan_that_is_not_version_compatible():
     meta = {"tensorrt_version": TRT.__version__, "flags": [], "hardware_compatibility": "NONE"}

@@ -8,13 +8,12 @@ running a real plan needs TensorRT and a GPU: test_build_trt.py.
 """
 
 import copy
-import importlib
 import json
 import shutil
 
 import pytest
 
-from conftest import fast_params
+from conftest import TRT, fast_params, needs_trt
 from sbert_bundle import Bundle, VariantError
 from sbert_bundle import trt as trt_backend
 from sbert_bundle.bundle import rank_variants, trt_targets
@@ -24,18 +23,6 @@ from stages import package
 from stages.common import StageError
 
 
-def _module(*names):
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-TRT = _module("tensorrt", "tensorrt_lean")
-needs_trt = pytest.mark.skipif(TRT is None, reason="neither tensorrt nor tensorrt_lean is installed "
-                               "(pip install tensorrt-lean-cu13 gives the lean runtime from PyPI)")
 NOT_A_PLAN = b"not a TensorRT plan: a few bytes standing in for one in a packaging test; never loaded"
 L4 = {"gpu": "NVIDIA L4", "compute_capability": "8.9"}
 
