@@ -230,15 +230,16 @@ def quiet_quantizer():
 def weight_only(cfg: dict, src: Path, dest: Path) -> dict:
     """MatMulNBits: blockwise symmetric integer weights; activations quantized per row and block."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     w = cfg["weight_only"]
+    allowed = {"bits": (4, 8), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 1, 2, 3, 4)}
+    for key, values in allowed.items():  # what onnxruntime's MatMulNBits takes
+        if w.get(key) not in values:
+            raise StageError(f"quantize.weight_only.{key} is {w.get(key)!r}; choose one of {list(values)}")
     model = onnx.load(str(src))
-    algo = DefaultWeightOnlyQuantConfig(block_size=w["block_size"], is_symmetric=True,
-                                        accuracy_level=w["accuracy_level"], bits=w["bits"])
     quantizer = MatMulNBitsQuantizer(model, bits=w["bits"], block_size=w["block_size"], is_symmetric=True,
-                                     accuracy_level=w["accuracy_level"], nodes_to_exclude=list(cfg["nodes_to_exclude"]),
-                                     algo_config=algo)
+                                     accuracy_level=w["accuracy_level"], nodes_to_exclude=list(cfg["nodes_to_exclude"]))
     with quiet_quantizer():
         quantizer.process()
     quantized = quantizer.model.model

@@ -41,3 +41,15 @@ def test_unknown_method_is_one_line_naming_it(params, tmp_path):
     with pytest.raises(StageError, match=r"quantize.method is 'static'; choose one of \['dynamic', 'weight_only'\]"):
         quantize.run(cfg, tmp_path, tmp_path, tmp_path)
 
+
+
+@pytest.mark.parametrize("key, value", [("bits", 5), ("block_size", 7), ("accuracy_level", 9)])
+def test_weight_only_setting_out_of_range_is_one_line_naming_it(params, tmp_path, key, value):
+    cfg = copy.deepcopy(params["quantize"])
+    cfg["method"] = "weight_only"
+    cfg["weight_only"][key] = value
+    out = tmp_path / "int8"
+    out.mkdir()
+    with pytest.raises(StageError, match=rf"quantize.weight_only.{key} is {value}; choose one of \["):
+        quantize.weight_only(cfg, tmp_path / "model_fused.onnx", out / "model_int8.onnx")
+    assert not any(out.iterdir())
