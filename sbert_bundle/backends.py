@@ -98,9 +98,7 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 
 
 def backend_error(path: Path, doing: str, error: BaseException) -> BackendError:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return BackendError(f"{path}: onnxruntime could not {doing} it ({first[:300]})")
+    return BackendError(f"{path}: onnxruntime could not {doing} it ({_first_line(error)})")
 
 
 def ort_providers() -> list[str]:
@@ -112,14 +110,14 @@ def pick_device(variant: dict, device_id: int = 0) -> tuple[str | None, str]:
     device_id: the CUDA device a GPU variant would run on (TensorRT plans are checked against it)."""
     backend = variant.get("backend")
     if backend == "onnxruntime":
-        reasons = []
-        for device in variant.get("devices", ["cpu"]):
+        devices = variant.get("devices", ["cpu"])
+        for device in devices:
             if device == "cpu":
                 return "cpu", ""
             if device == "cuda" and "CUDAExecutionProvider" in ort_providers():
                 return "cuda", ""
-            reasons.append(_no_cuda_provider() if device == "cuda" else f"unknown device {device!r}")
-        return None, "; ".join(reasons)
+        # only now the reasons: _no_cuda_provider reads the installed packages' metadata
+        return None, "; ".join(_no_cuda_provider() if d == "cuda" else f"unknown device {d!r}" for d in devices)
     if backend == "tensorrt":
         from .trt import plan_compatibility
 

@@ -109,6 +109,15 @@ def load_model(args: argparse.Namespace) -> tuple[str, dict, Path]:
     return key, model_params(raw, key), model_dir(key)
 
 
+def stage_environment() -> dict:
+    """This environment's python and dvc first on PATH, for stage commands run in another clone
+    (rebuild_check, matrix workers); offline unless HF_HUB_OFFLINE says otherwise."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
 def params_digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import PARAMS_FILE, REPO, StageError, model_keys, model_params
+from .common import PARAMS_FILE, REPO, StageError, model_dir, model_keys, model_params
 
 DVC_FILE = Path("dvc.yaml")
 ARTIFACT_DESC = "sentence-transformers model as a verified ONNX Runtime / TensorRT bundle (sbert-bundle)"
@@ -31,7 +31,7 @@ def compose(overrides: list[str]) -> dict:
 
 def release_path(key: str, model: dict) -> str:
     """The release archive of one model (what the release stage writes), relative to the repository."""
-    return f"artifacts/{key}/release/{model['name']}-{model['version']}.tar.gz"
+    return (model_dir(key) / "release" / f"{model['name']}-{model['version']}.tar.gz").as_posix()
 
 
 def artifact_entries(params: dict) -> dict:

@@ -36,7 +36,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import ARTIFACTS, StageError, atomic_file, git, load_params, model_keys, model_params, stage_main, write_json
+from .common import (ARTIFACTS, StageError, atomic_file, git, load_params, model_keys, model_params, stage_environment,
+                     stage_main, write_json)
 
 log = logging.getLogger("stages.matrix")
 CELLS_FILE = ARTIFACTS / "matrix" / "cells.json"
@@ -117,14 +118,6 @@ def dvc_remote_url(repo: Path) -> str:
     return str(url)
 
 
-def environment() -> dict:
-    """The stage commands run with this environment's python and dvc first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
 def _dvc(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
@@ -151,7 +144,7 @@ def work_on(job: dict) -> dict:
     where = {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
     if job.get("tracker") is not None:
         job["tracker"].start.remote(job["name"], where)
-    env = {**environment(), "SBERT_MATRIX_NODE_ID": where["node_id"], "SBERT_MATRIX_NODE_IP": where["node_ip"],
+    env = {**stage_environment(), "SBERT_MATRIX_NODE_ID": where["node_id"], "SBERT_MATRIX_NODE_IP": where["node_ip"],
            "SBERT_MATRIX_WORKER_PID": str(os.getpid()), "SBERT_MATRIX_TASK": job["name"]}
     base = Path(job["work_dir"] or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
@@ -358,7 +351,7 @@ def run(repo: Path, params: dict, models: list[str] | None = None, echo=print) -
         done = matrix.run()
     finally:
         ray.shutdown()
-    restored, ran, _ = finish(repo, done, environment())
+    restored, ran, _ = finish(repo, done, stage_environment())
     for rel, text in matrix.collected.items():  # verify's speed, measured on the worker that ran verify
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(repo / rel) as tmp:

@@ -33,6 +33,7 @@ from sbert_bundle.bundle import Bundle, read_sealed_report
 from sbert_bundle.manifest import IntegrityError, sha256_file
 
 from .common import StageError, git, load_params, model_params, pick_model, row_cosines, stage_main
+from .compose import release_path
 from .verify import load_corpus
 
 log = logging.getLogger("stages.publish")
@@ -48,7 +49,6 @@ def semver(version: str) -> tuple[int, int, int]:
 
 
 def release_archive(repo: Path, key: str, model: dict) -> Path:
-    from .compose import release_path
 
     return repo / release_path(key, model)
 
@@ -57,7 +57,6 @@ def check_declared(repo: Path, key: str, model: dict) -> None:
     """dvc.yaml's `artifacts:` names this model's release (what `dvc artifacts get` and GTO read)."""
     import yaml
 
-    from .compose import release_path
 
     try:
         declared = (yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("artifacts") or {}

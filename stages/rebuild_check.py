@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import yaml
 
 from sbert_bundle.manifest import sha256_file
 
-from .common import REPO, StageError, git, model_dir, pick_model, stage_main
+from .common import REPO, StageError, git, model_dir, pick_model, stage_environment, stage_main
 from .package import LOCK_NAME, lock_drift, lock_pins
 
 log = logging.getLogger("stages.rebuild_check")
@@ -129,14 +128,6 @@ def release_report(archive: Path, report_name: str) -> bytes | None:
     return None
 
 
-def environment() -> dict:
-    """This environment's python and dvc first on PATH, for the stage commands in the clone."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
 def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
     """Clone REPO at rev into work/src and run dvc repro; (clone, committed dvc.lock, repro passed)."""
     commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
@@ -156,7 +147,7 @@ def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
     else:
         log.warning("%s at %s has no %s: the build environment is not locked there", rev, commit[:12], LOCK_NAME)
     log.info("rebuilding %s (%s) in %s", rev, commit[:12], clone)
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=environment())
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=stage_environment())
     return clone, committed, done.returncode == 0
 
 
@@ -173,7 +164,7 @@ def check_archive(clone: Path, archive: Path, key: str) -> tuple[bool, str]:
     target = clone / model_dir(key) / "verify" / "report.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(report)
-    done = subprocess.run([sys.executable, "-m", "stages.release", "--quiet", "--model", key], cwd=clone, env=environment(),
+    done = subprocess.run([sys.executable, "-m", "stages.release", "--quiet", "--model", key], cwd=clone, env=stage_environment(),
                           capture_output=True, text=True)
     if done.returncode:
         return False, (f"release archive {archive.name}: `release` refused the rebuilt bundle with the published "
@@ -199,14 +190,13 @@ def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = 
     print(f"rebuild of {rev} against its dvc.lock:")
     print("\n".join(lines))
     ok = first is None and repro_ok
-    checks = []
+    results = []
     if archive:
         key = pick_model(yaml.safe_load((clone / "params.yaml").read_text()), model)
-        checks.append(lambda: check_archive(clone, archive, key))
+        results.append(check_archive(clone, archive, key))
     if digest:
-        checks.append(lambda: check_sha256(clone, digest))
-    for check in checks:
-        same, text = check()
+        results.append(check_sha256(clone, digest))
+    for same, text in results:
         print(("same: " if same else "DIFFERS: ") + text)
         ok = ok and same
     if first:

@@ -10,7 +10,6 @@ Reads artifacts/<model>/source/model/ and writes artifacts/<model>/split/:
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -142,7 +141,7 @@ def drop_loader_state(path: Path) -> None:
     cfg = read_json(path, "tokenizer_config.json")
     for key in LOADER_STATE:
         cfg.pop(key, None)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(path, cfg)
 
 
 def split_transformer(folder: Path, dest: Path) -> dict:

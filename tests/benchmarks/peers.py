@@ -43,12 +43,6 @@ TARGETS = {"peers": {"fp32": (2.0, "best peer", 0.99999), "int8": (1.8, "best pe
            "mpnet": {"int8": (2.0, "pytorch", 0.99)}}                                            # all-mpnet-base-v2
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
-
-
 def peer_models(model: Path, work: Path, threads: int, qconfigs: list[str]) -> dict:
     """sentence-transformers' ONNX contenders, exported once into a copy of the model folder."""
     import onnxruntime as ort
@@ -110,6 +104,7 @@ def main() -> None:
 
     from sbert_bundle import Bundle
     from sbert_bundle.bundle import rank_variants
+    from stages.common import row_cosines
 
     torch.set_num_threads(args.threads)
     sentences = [json.loads(line) for line in args.corpus.read_text(encoding="utf-8").splitlines()]
@@ -127,7 +122,7 @@ def main() -> None:
         contenders[name] = ("int8" if precision == "int8" else "fp32", lambda b=bundle: b.encode(sentences))
 
     ref = contenders["pytorch"][1]()
-    parity = {name: cosines(np.asarray(fn(), dtype=np.float64), ref) for name, (_, fn) in contenders.items()}
+    parity = {name: row_cosines(np.asarray(fn(), dtype=np.float64), ref) for name, (_, fn) in contenders.items()}
     times = {name: [] for name in contenders}
     order = list(contenders)
     for r in range(args.rounds):
