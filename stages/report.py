@@ -3,7 +3,7 @@
     python -m stages.report        # after `make repro` or `make matrix`
 
 Reads each model's verify outputs (artifacts/<model>/verify/report.json, speed.json), its
-TensorRT build records (artifacts/<model>/trt/**/build.json: a plan per target, or skipped and
+TensorRT build records (artifacts/<model>/trt/<target>/build.json: a plan, or skipped and
 why) and, after `make matrix`, the cells record (artifacts/matrix/cells.json: a failed cell is a
 row of its own). Prints the table and writes, as dvc.yaml's top-level metrics and plots (speed
 differs on every run, so these are not stage outputs):
@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from .common import ARTIFACTS, atomic_file, load_params, model_keys, stage_main, write_json
+from .package import plan_variant_name
 
 log = logging.getLogger("stages.report")
 OUT = ARTIFACTS / "matrix"
@@ -55,15 +56,14 @@ def rows(repo: Path, params: dict, record: dict | None = None) -> list[dict]:
         for name, why in report.get("skipped", {}).items():
             out.append({"model": key, "variant": name, "target": "-", "state": "not run", "passed": None,
                         "min_cosine": None, "speedup": None, "note": why})
-        for build in sorted((art / "trt").rglob("build.json")):
-            rec = _read(build) or {}
-            target = build.parent.name if build.parent != art / "trt" else "-"
+        for build in sorted((art / "trt").glob("*/build.json")):  # one record per GPU target
+            rec, target = _read(build) or {}, build.parent.name
             if rec.get("skipped"):
                 out.append({"model": key, "variant": "tensorrt", "target": target, "state": "skipped",
                             "passed": None, "min_cosine": None, "speedup": None, "note": rec.get("reason", "")})
-            for plan in rec.get("plans", []):
-                out.append({"model": key, "variant": plan.get("name", "tensorrt"), "target": target, "state": "built",
-                            "passed": None, "min_cosine": None, "speedup": None,
+            for plan in rec.get("plans", []):  # named as the bundle and verify's report name it
+                out.append({"model": key, "variant": plan_variant_name(plan, target), "target": target,
+                            "state": "built", "passed": None, "min_cosine": None, "speedup": None,
                             "note": f"{plan.get('metadata', {}).get('gpu', '')} {plan.get('precision', '')}".strip()})
     return out
 

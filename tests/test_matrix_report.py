@@ -63,6 +63,9 @@ def test_report_rows_metrics_and_plot(tmp_path):
         "skipped": {"trt-fp16-h100": "no CUDA GPU"}})
     write(art / "verify" / "speed.json", {"variants": {"fp32": {"speedup": 4.2}, "int8": {"speedup": 3.5}}})
     write(art / "trt" / "h100" / "build.json", {"skipped": True, "reason": "no GPU here", "plans": []})
+    write(art / "trt" / "l4" / "build.json", {"skipped": False, "plans": [
+        {"name": "trt-fp16-s1-nvidia-l4-trt10.13", "file": "trt-fp16-s1-nvidia-l4-trt10.13.plan", "precision": "fp16",
+         "metadata": {"gpu": "NVIDIA L4"}}]})
     record = {"tasks": [{"name": "build_trt@mpnet_base-l4", "model": "mpnet_base", "target": "l4", "state": "failed",
                          "error": "no node of the Ray cluster offers resource 'gpu_l4'\nmore"}]}
     rows = report.main_report(tmp_path, params, record)
@@ -71,13 +74,14 @@ def test_report_rows_metrics_and_plot(tmp_path):
                    ("minilm_l6", "int8", "cpu"): ("verified", False, 3.5),
                    ("minilm_l6", "trt-fp16-h100", "-"): ("not run", None, None),
                    ("minilm_l6", "tensorrt", "h100"): ("skipped", None, None),
+                   ("minilm_l6", "trt-fp16-l4", "l4"): ("built", None, None),
                    ("mpnet_base", "-", "l4"): ("failed", None, None)}
     table = report.table(rows)
     assert "FAIL" in table and "no node of the Ray cluster offers resource 'gpu_l4'" in table and "more" not in table
     metrics = json.loads((tmp_path / "artifacts" / "matrix" / "metrics.json").read_text())
     assert metrics["models"] == {"minilm_l6": {"fp32": {"passed": True, "min_cosine": 0.99999, "speedup": 4.2},
                                                "int8": {"passed": False, "min_cosine": 0.98, "speedup": 3.5}}}
-    assert metrics["cells"] == {"failed": 1, "not run": 1, "skipped": 1, "verified": 2}
+    assert metrics["cells"] == {"built": 1, "failed": 1, "not run": 1, "skipped": 1, "verified": 2}
     with open(tmp_path / "artifacts" / "matrix" / "plots" / "speedup.csv") as f:
         assert list(csv.DictReader(f)) == [{"cell": "minilm_l6/fp32", "speedup": "4.200"},
                                            {"cell": "minilm_l6/int8", "speedup": "3.500"}]
