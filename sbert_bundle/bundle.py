@@ -204,8 +204,20 @@ class Bundle:
         keep activations in cache on CPUs; results do not depend on the batching.
         """
         single = isinstance(sentences, str)
-        items = [sentences] if single else list(sentences)
-        for i, s in enumerate(items):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens == -1:
+            max_batch_tokens = self.max_batch_tokens
+        encodings, prompt_length = self.tokenize([sentences] if single else list(sentences), prompt, prompt_name)
+        out = np.empty((len(encodings), self.embedding_dimension), dtype=np.float32)
+        for idx in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
+            out[idx] = self.embed([encodings[i] for i in idx], prompt_length, idx)
+        return out[0] if single else out
+
+    def tokenize(self, texts: list, prompt: str | None = None, prompt_name: str | None = None) -> tuple[list, int]:
+        """(truncated encodings, prompt length in tokens) of texts with the prompt prepended, as
+        `encode` does. An encoding's `overflowing` is non-empty where truncation cut its text."""
+        for i, s in enumerate(texts):
             if not isinstance(s, str):
                 raise TypeError(f"sentences[{i}] is {type(s).__name__}, expected str")
             try:
@@ -213,27 +225,27 @@ class Bundle:
             except UnicodeEncodeError as e:
                 raise ValueError(f"sentences[{i}] is not valid Unicode text: {e.reason} "
                                  f"(U+{ord(s[e.start]):04X} at character {e.start})") from None
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_batch_tokens == -1:
-            max_batch_tokens = self.max_batch_tokens
         prompt = self.head.resolve_prompt(prompt, prompt_name)
         prompt_length = 0
         if prompt:
-            items = [prompt + s for s in items]
+            texts = [prompt + s for s in texts]
             prompt_length = self.tokenizer.prompt_length(prompt) if self.head.prompts_matter else 0
-        out = np.empty((len(items), self.embedding_dimension), dtype=np.float32)
-        encodings = self.tokenizer.encode(items)
-        for idx in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
-            features = self.tokenizer.pad([encodings[i] for i in idx])
-            emb = self.head(self.backend(features), features["attention_mask"], prompt_length)
-            finite = np.isfinite(emb).all(axis=1)
-            if not finite.all():
-                first = min(i for i, ok in zip(idx, finite) if not ok)
-                raise NonFiniteError(f"variant {self.variant} on {self.device} gave a NaN or Inf embedding for "
-                                     f"sentence {first} (0-based); this variant's numbers are wrong here")
-            out[idx] = emb
-        return out[0] if single else out
+        return self.tokenizer.encode(texts), prompt_length
+
+    def embed(self, encodings: list, prompt_length: int = 0, numbers: Sequence[int] | None = None) -> np.ndarray:
+        """One batch of encodings (from `tokenize`, or `tokenization.Tokens` of token ids) through
+        the backend and the head: float32 (len(encodings), dim). Rows do not depend on what else is
+        in the batch. Callers that batch themselves (the server's scheduler) use this and `tokenize`.
+        numbers: each row's index in the caller's input, for the error naming a non-finite row."""
+        features = self.tokenizer.pad(encodings)
+        emb = self.head(self.backend(features), features["attention_mask"], prompt_length)
+        finite = np.isfinite(emb).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            first = min(numbers[r] for r in rows) if numbers is not None else int(rows[0])
+            raise NonFiniteError(f"variant {self.variant} on {self.device} gave a NaN or Inf embedding for "
+                                 f"sentence {first} (0-based); this variant's numbers are wrong here")
+        return emb
 
     def describe(self) -> dict:
         """What `sbert-bundle inspect` prints: manifest summary and the variant choice here."""

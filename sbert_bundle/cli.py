@@ -161,6 +161,57 @@ def _list(args) -> None:
         print(f"{name}  latest {entry['latest']}  versions {', '.join(entry['versions'])}  stages {stages}")
 
 
+def _serve(args) -> int:
+    try:
+        from .serve.main import run
+    except ImportError as e:
+        raise ImportError(f"sbert-bundle serve needs the serve extra ({e.name or e} is missing): "
+                          "pip install 'sbert-bundle[cpu,serve]'") from None
+    return run(args)
+
+
+def add_serve_parser(sub) -> None:
+    srv = sub.add_parser(
+        "serve", help="serve a bundle over HTTP (OpenAI- and TEI-compatible)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve BUNDLE (folder, .tar.gz or sealed release) or a published version (--pull) over HTTP: "
+                    "POST /v1/embeddings (OpenAI), POST /embed and /tokenize (TEI), GET /v1/models, /info, /health, "
+                    "/ready, /metrics. Inputs of concurrent requests are batched by padded tokens; each embedding "
+                    "equals Bundle.encode's. Inputs cut by truncation are listed in the X-Truncated-Inputs header; "
+                    "a request's \"truncate\": false refuses them. Needs: pip install 'sbert-bundle[cpu,serve]'.",
+        epilog="SIGTERM drains: /ready and new requests answer 503, requests in flight finish (up to "
+               "--drain-timeout), then exit 0. API keys: --api-key (repeatable), SBERT_BUNDLE_API_KEYS "
+               "(comma-separated) or --api-key-file (one per line); /health and /ready stay open.")
+    srv.add_argument("bundle", nargs="?", help="bundle folder, .tar.gz or release folder")
+    srv.add_argument("--pull", nargs=2, metavar=("REPO", "REF"),
+                     help="pull NAME@vX.Y.Z (or NAME#STAGE) from the registry REPO, check it, then serve it")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--variant", help="variant name from the manifest (default: best exact one that runs here)")
+    srv.add_argument("--threads", type=int, help="onnxruntime threads per process (default: cores / workers)")
+    srv.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants")
+    srv.add_argument("--workers", type=int, default=1, help="processes, each with its own session, on one port")
+    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
+    srv.add_argument("--api-key-file", help="file with one accepted API key per line")
+    srv.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    srv.add_argument("--max-inputs", type=int, default=2048, help="inputs per request")
+    srv.add_argument("--max-input-tokens", type=int, help="tokens per input (default: the model's max_seq_length)")
+    srv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body size (413 past it)")
+    srv.add_argument("--max-queue-tokens", type=int, default=262_144,
+                     help="tokens waiting or running; past it, 429 with Retry-After")
+    srv.add_argument("--max-batch-tokens", type=int,
+                     help="padded tokens per batch (default: the bundle's cpu_max_batch_tokens on CPU)")
+    srv.add_argument("--max-batch-size", type=int, default=256, help="inputs per batch")
+    srv.add_argument("--no-truncate", action="store_true",
+                     help="refuse inputs longer than the model takes unless a request says \"truncate\": true")
+    srv.add_argument("--served-model-name", action="append", help="another name clients may give as `model`")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    srv.add_argument("--access-log", action="store_true", help="log each request's method, path and status "
+                                                                "(never its texts)")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sbert-bundle", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log which variant is picked and why")
@@ -202,15 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=_list)
 
+    add_serve_parser(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except (IntegrityError, VariantError, HeadError, BackendError, NonFiniteError, OSError, EOFError,
             tarfile.TarError, ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"sbert-bundle: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -65,3 +65,16 @@ class TextTokenizer:
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.pad(self.encode(texts))
+
+
+class Tokens:
+    """Token ids given by a caller (the server's `input` as ids), shaped like a tokenizers Encoding
+    for `TextTokenizer.pad`: used as the model's whole input, special tokens included."""
+
+    __slots__ = ("ids", "attention_mask", "type_ids", "overflowing")
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+        self.attention_mask = [1] * len(ids)
+        self.type_ids = [0] * len(ids)
+        self.overflowing = ()
