@@ -59,3 +59,30 @@ def test_cli_on_default_bundle(default_build, tmp_path):
     assert emb[0] @ emb[1] > emb[0] @ emb[2]  # the paraphrase is nearer
     shown = subprocess.run(cli + ["inspect", str(bundle)], check=True, capture_output=True, text=True).stdout
     assert "all-MiniLM-L6-v2" in shown and "selected here: fp32-fused on cpu" in shown
+
+
+def test_served_default_model_matches_sentence_transformers(default_build, tmp_path):
+    """The official OpenAI client against `sbert-bundle serve` on the real model: the whole
+    evaluation corpus, base64 (the client's default) in requests of mixed sizes sent at once."""
+    import concurrent.futures
+
+    import openai
+
+    from serving import Server
+
+    art, bundle = default_build
+    sentences = [json.loads(line) for line in (REPO / "stages/data/eval_corpus.jsonl").read_text().splitlines()]
+    ref = st_encode(art / "source" / "model", sentences, batch_size=32)
+    srv = Server(bundle, tmp_path / "server.log", model="all-MiniLM-L6-v2")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        cuts = [0, 1, 33, 40, 104, 200, len(sentences)]
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            parts = list(ex.map(lambda ab: client.embeddings.create(model="all-MiniLM-L6-v2",
+                                                                    input=sentences[ab[0]:ab[1]]),
+                                zip(cuts, cuts[1:])))
+        emb = np.array([d.embedding for part in parts for d in part.data], dtype=np.float32)
+    finally:
+        assert srv.stop() == 0
+    cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+    assert emb.shape == ref.shape and cos.min() >= 0.99999, (cos.min(), sentences[int(cos.argmin())][:60])
