@@ -51,7 +51,9 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = infinity ]; then
     V="$REPO/.venv-infinity"
     make_venv "$V"
-    # INFINITY_EXTRA: further pins found necessary (see serve_bench.py's notes); empty by default.
+    # INFINITY_EXTRA: more packages or pins to try (empty by default). Its optimum engine is not used:
+    # with infinity-emb[optimum] (optimum 2.1.0, optimum-onnx 0.1.0) on the bundle folder it fails
+    # "Could not find any ONNX files with target file name <absolute path>/onnx/model_int8.onnx" (2026-12-07).
     "$V/bin/python" -m pip install -q -c "$pin" "infinity-emb[server,torch]==0.0.78" ${INFINITY_EXTRA:-}
     "$V/bin/python" -m pip freeze > "$V/freeze.txt"
     "$V/bin/python" -c "import infinity_emb, torch; print('infinity_emb', infinity_emb.__version__, 'torch', torch.__version__)"
