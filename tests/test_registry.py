@@ -379,3 +379,41 @@ def test_a_tag_that_cannot_be_created_is_one_line_and_publish_can_be_rerun(produ
     assert producer.tags() == []
     monkeypatch.undo()
     assert producer.publish()["published"] and producer.tags() == ["tiny-model@v1.0.0"]
+
+
+def test_serve_pull_serves_the_published_version_without_torch(producer, releases, tmp_path):
+    """`sbert-bundle serve --pull REPO NAME@vX.Y.Z` in a process where torch cannot be imported:
+    /info names the registry version, the archive's sha256 and the gates the served variant passed."""
+    import signal
+    import time
+
+    import httpx
+
+    from serving import free_port
+
+    producer.build(releases["a"])
+    published = producer.publish()
+    port = free_port()
+    code = ("import sys\nsys.modules['torch'] = None\nfrom sbert_bundle.cli import main\n"
+            f"sys.exit(main(['serve', '--pull', {str(producer.root)!r}, 'tiny-model@v1.0.0', '--port', '{port}']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, info = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+                    served = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["a cat"]}).json()
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert info is not None, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    assert info["registry"]["name"] == "tiny-model" and info["registry"]["version"] == "v1.0.0"
+    assert info["archive_sha256"] == published["sha256"]
+    assert info["verified"] is True and info["verify"]["variant"] == info["variant"] == "fp32-fused"
+    assert np.allclose(served, Bundle.load(releases["a"]).encode(["a cat"]), atol=1e-5)

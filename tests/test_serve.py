@@ -144,6 +144,8 @@ def test_info_says_what_is_served_and_the_limits(server, loaded):
     assert info["limits"]["max_inputs"] == 64 and info["limits"]["max_body_bytes"] == 65536
     assert info["limits"]["api_keys"] == 0  # a count, never the keys
     assert info["verify"] is None and info["verified"] is False  # a bare bundle: no sealed report
+    maps = open(f"/proc/{server.proc.pid}/maps").read()  # the serving process never loaded torch
+    assert "libtorch" not in maps and "onnxruntime" in maps
 
 
 def test_metrics_count_requests_batches_and_truncation(server):
@@ -433,6 +435,35 @@ def test_scheduler_drops_the_inputs_of_a_cancelled_job(loaded):
     assert_same(out, loaded.encode(SENTENCES))
     assert metrics.dropped._value.get() == len(SENTENCES) and not gone.future.done()
     assert scheduler.queued_inputs == 0 and scheduler.queued_tokens == 0
+
+
+def queued_inputs(url: str) -> float:
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return float(next(line for line in lines if line.startswith("sbert_queue_inputs ")).split()[-1])
+
+
+def test_a_client_that_disconnects_has_its_queued_inputs_dropped(tiny_bundle, tmp_path, loaded):
+    import socket
+
+    srv = Server(tiny_bundle, tmp_path / "server.log", "--max-batch-tokens", "64")
+    try:
+        busy = ["python code is fast and the model is slow " * 6] * 1500  # 1500 one-input batches: seconds
+        first = threading.Thread(target=lambda: httpx.post(srv.url + "/embed", json={"inputs": busy}, timeout=120))
+        first.start()
+        deadline = time.monotonic() + 20
+        while queued_inputs(srv.url) < 1000 and time.monotonic() < deadline:  # the first one is queued
+            time.sleep(0.01)
+        body = json.dumps({"inputs": ["left before its turn"] * 7}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:  # send, then hang up at once
+            s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)
+        first.join(120)
+        metrics = httpx.get(srv.url + "/metrics").text
+        dropped = [line for line in metrics.splitlines() if line.startswith("sbert_inputs_dropped_total")]
+        assert float(dropped[0].split()[-1]) == 7, dropped
+    finally:
+        assert srv.stop() == 0
 
 
 # --- the command line and the package boundary ------------------------------------------------

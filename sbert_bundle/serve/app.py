@@ -365,7 +365,7 @@ def create_app(bundle, settings: Settings | None = None, published: dict | None 
 
     @route("/health", ["GET"], _tei_error, open_=True)
     async def health(request):
-        alive = service.scheduler._thread.is_alive()
+        alive = service.scheduler.alive
         return _json({"status": "ok" if alive else "model thread stopped"}, 200 if alive else 503)
 
     @route("/ready", ["GET"], _tei_error, open_=True)

@@ -76,6 +76,11 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sbert-bundle-batcher", daemon=True)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the model thread runs (what /health reports)."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 
