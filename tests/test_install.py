@@ -109,3 +109,11 @@ def test_the_cuda_hint_for_the_cpu_build_replaces_it(tiny_bundle, tmp_path):
     device, why = pick_device({"backend": "onnxruntime", "devices": ["cuda"]})
     assert device is None
     assert why.endswith("on a machine with an NVIDIA GPU: pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
+
+
+def test_every_runtime_package_is_installed_by_a_wheel():
+    """A non-editable install ships only the packages pyproject.toml names: each folder of
+    sbert_bundle/ with an __init__.py must be one (sbert_bundle.serve was missing once)."""
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "sbert_bundle").rglob("__init__.py")}
+    assert found <= packages, sorted(found - packages)
