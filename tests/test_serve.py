@@ -160,6 +160,49 @@ def test_metrics_count_requests_batches_and_truncation(server):
     assert float(truncated[0].split()[-1]) >= 1
 
 
+# --- prompts: as in Bundle.encode, on every route -------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompt_server(tmp_path_factory, params):
+    """A default prompt left out of pooling (include_prompt false): the prompt's length decides
+    the pooling mask, so inputs of different prompts must not share a batch's mask."""
+    from conftest import build_bundle, fast_params, make_zoo_model
+
+    root = tmp_path_factory.mktemp("prompted")
+    model = make_zoo_model(root / "model", family="xlm-roberta", pooling=("cls", "mean"), include_prompt=False,
+                           prompts={"query": "Represent the query for retrieval: ", "passage": ""},
+                           default_prompt_name="query")
+    bundle = build_bundle(model, root / "build", fast_params(params), fp16=False)
+    srv = Server(bundle, root / "server.log")
+    yield srv, Bundle.load(bundle, threads=1)
+    assert srv.stop() == 0
+
+
+def test_prompts_on_every_route_match_bundle_encode(prompt_server):
+    srv, loaded = prompt_server
+    texts = SENTENCES[:6]
+    cases = [("/v1/embeddings", {"model": MODEL, "input": texts, "encoding_format": "float"}, None),
+             ("/v1/embeddings", {"model": MODEL, "input": texts, "encoding_format": "float",
+                                 "prompt_name": "passage"}, "passage"),
+             ("/embed", {"inputs": texts, "prompt_name": "query"}, "query"),
+             ("/embed", {"inputs": texts, "prompt_name": "passage"}, "passage")] * 4
+
+    def post(case):
+        path, body, _ = case
+        r = httpx.post(srv.url + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json() if path == "/embed" else [d["embedding"] for d in r.json()["data"]]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:  # concurrent: one queue, several prompt lengths
+        results = list(ex.map(post, cases))
+    for (_, _, name), served in zip(cases, results):
+        assert_same(served, loaded.encode(texts, prompt_name=name))
+    assert not np.allclose(loaded.encode(texts, prompt_name="query"), loaded.encode(texts, prompt_name="passage"))
+    tokens = httpx.post(srv.url + "/tokenize", json={"inputs": ["hello"], "prompt_name": "query"}).json()[0]
+    text = "".join(t["text"] for t in tokens if not t["special"]).replace("\u2581", " ").strip()
+    assert text == "Represent the query for retrieval: hello"
+
+
 # --- concurrency: one queue, no cross-talk ---------------------------------------------------
 
 def test_concurrent_clients_get_their_own_embeddings_in_order(server, loaded):
