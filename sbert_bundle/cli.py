@@ -173,7 +173,6 @@ def _serve(args) -> int:
 def add_serve_parser(sub) -> None:
     srv = sub.add_parser(
         "serve", help="serve a bundle over HTTP (OpenAI- and TEI-compatible)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve BUNDLE (folder, .tar.gz or sealed release) or a published version (--pull) over HTTP: "
                     "POST /v1/embeddings (OpenAI), POST /embed and /tokenize (TEI), GET /v1/models, /info, /health, "
                     "/ready, /metrics. Inputs of concurrent requests are batched by padded tokens; each embedding "
@@ -185,30 +184,31 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("bundle", nargs="?", help="bundle folder, .tar.gz or release folder")
     srv.add_argument("--pull", nargs=2, metavar=("REPO", "REF"),
                      help="pull NAME@vX.Y.Z (or NAME#STAGE) from the registry REPO, check it, then serve it")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     srv.add_argument("--variant", help="variant name from the manifest (default: best exact one that runs here)")
     srv.add_argument("--threads", type=int, help="onnxruntime threads per process (default: cores / workers)")
-    srv.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants")
-    srv.add_argument("--workers", type=int, default=1, help="processes, each with its own session, on one port")
+    srv.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants (default 0)")
+    srv.add_argument("--workers", type=int, default=1, help="processes, each with its own session, on one port (default 1)")
     srv.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
     srv.add_argument("--api-key-file", help="file with one accepted API key per line")
     srv.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
-    srv.add_argument("--max-inputs", type=int, default=2048, help="inputs per request")
+    srv.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (default 2048, as OpenAI)")
     srv.add_argument("--max-input-tokens", type=int, help="tokens per input (default: the model's max_seq_length)")
-    srv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body size (413 past it)")
+    srv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body size in bytes (default 2 MiB; 413 past it)")
     srv.add_argument("--max-queue-tokens", type=int, default=262_144,
-                     help="tokens waiting or running; past it, 429 with Retry-After")
+                     help="tokens waiting or running (default 262144); past it, 429 with Retry-After")
     srv.add_argument("--max-batch-tokens", type=int,
                      help="padded tokens per batch (default: the bundle's cpu_max_batch_tokens on CPU)")
-    srv.add_argument("--max-batch-size", type=int, default=256, help="inputs per batch")
+    srv.add_argument("--max-batch-size", type=int, default=256, help="inputs per batch (default 256)")
     srv.add_argument("--no-truncate", action="store_true",
                      help="refuse inputs longer than the model takes unless a request says \"truncate\": true")
     srv.add_argument("--served-model-name", action="append", help="another name clients may give as `model`")
-    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM (default 30)")
     srv.add_argument("--access-log", action="store_true", help="log each request's method, path and status "
                                                                 "(never its texts)")
-    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="uvicorn's and the server's log level (default info)")
     srv.set_defaults(func=_serve)
 
 
