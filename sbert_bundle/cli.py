@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendError
+from .backends import BackendError, InstallError
 from .bundle import Bundle, NonFiniteError, VariantError
 from .head import HeadError
 from .manifest import IntegrityError, check_threads
@@ -138,11 +138,15 @@ def _pull(args) -> None:
     from .registry import pull
 
     published, out = pull(args.repo, args.ref, Path(args.output or args.ref.replace("@", "-").replace("#", "-")))
-    bundle = Bundle.load(out)
+    try:
+        bundle = Bundle.load(out)  # checks every file (and the sealed report) before it needs a backend
+        runs = f"runs here: variant {bundle.variant} on {bundle.device}"
+    except InstallError as e:  # pulled, checked and unpacked: only a backend is missing on this machine
+        runs = f"no backend to run it here yet: {e}"
     print(f"pulled {published.name} {published.version} into {out}")
     print(f"archive sha256 {published.sha256} (checked against the version tag); every file checked against "
           "manifest.json")
-    print(f"runs here: variant {bundle.variant} on {bundle.device}")
+    print(runs)
     for line in changelog_lines(published.changelog):
         print(line)
 

@@ -417,3 +417,18 @@ def test_serve_pull_serves_the_published_version_without_torch(producer, release
     assert info["archive_sha256"] == published["sha256"]
     assert info["verified"] is True and info["verify"]["variant"] == info["variant"] == "fp32-fused"
     assert np.allclose(served, Bundle.load(releases["a"]).encode(["a cat"]), atol=1e-5)
+
+
+def test_pull_without_onnxruntime_unpacks_and_says_how_to_install_a_backend(producer, releases, tmp_path):
+    """A consumer who installed only [registry]: the checked release is unpacked, exit 0, and the
+    line that would name the variant says which extra to install instead of failing the pull."""
+    producer.build(releases["a"])
+    producer.publish()
+    code = ("sys.modules['onnxruntime'] = None\nfrom sbert_bundle.cli import main\n"
+            f"sys.exit(main(['pull', {str(producer.root)!r}, 'tiny-model@v1.0.0', '-o', 'pulled']))\n")
+    out = run_without_torch(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "pulled tiny-model v1.0.0" in out.stdout
+    assert "no backend to run it here yet: onnxruntime is not installed: pip install 'sbert-bundle[cpu]'" in out.stdout
+    assert (tmp_path / "pulled" / "bundle" / "manifest.json").is_file()
+    assert np.allclose(Bundle.load(tmp_path / "pulled").encode(["a cat"]), Bundle.load(releases["a"]).encode(["a cat"]))
