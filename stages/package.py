@@ -135,6 +135,13 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets:
         (bundle / dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(artifacts / src, bundle / dest)
         variants[name] = {"file": dest, "backend": "onnxruntime", **info}
+    onnx_report = artifacts / "onnx" / "report.json"
+    if onnx_report.is_file() and read_json(onnx_report).get("fusion") == {}:
+        # export_onnx validated no fusion: model_fused.onnx is a copy of the plain graph, and the
+        # variants made from it (fp16-fused, int8) are no more fused than it is
+        for name in ("fp32-fused", "fp16-fused", "int8"):
+            if name in variants:
+                variants[name]["fused"] = False
     fp16_report = artifacts / "fp16" / "report.json"
     for name, record in (read_json(fp16_report).items() if fp16_report.is_file() else []):
         if name in variants and not record["parity"]["checked"]:  # this onnxruntime's CPU cannot run it

@@ -174,3 +174,19 @@ def test_read_manifest_refuses_json_that_is_not_an_object(tmp_path, text):
     (tmp_path / MANIFEST_FILE).write_text(text)
     with pytest.raises(IntegrityError):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("fusion,fused", [({"Attention": 6, "SkipLayerNormalization": 12}, True), ({}, False)])
+def test_fused_says_whether_export_validated_a_fusion(tmp_path, fusion, fused):
+    """export_onnx copies the plain graph to model_fused.onnx where no fusion validates
+    (fusion {} in its report): then fp32-fused and what is made from it are not called fused."""
+    from stages.package import copy_variants
+
+    art = tmp_path / "artifacts"
+    (art / "onnx").mkdir(parents=True)
+    for name in ("model.onnx", "model_fused.onnx"):
+        (art / "onnx" / name).write_bytes(b"graph")
+    (art / "onnx" / "report.json").write_text(json.dumps({"fusion": fusion}))
+    (tmp_path / "bundle").mkdir()
+    variants = copy_variants(["fp32", "fp32-fused"], art, tmp_path / "bundle")
+    assert variants["fp32"]["fused"] is False and variants["fp32-fused"]["fused"] is fused
