@@ -488,20 +488,23 @@ def queued_inputs(url: str) -> float:
 def test_a_client_that_disconnects_has_its_queued_inputs_dropped(tiny_bundle, tmp_path, loaded):
     import socket
 
-    srv = Server(tiny_bundle, tmp_path / "server.log", "--max-batch-tokens", "64")
+    srv = Server(tiny_bundle, tmp_path / "server.log", "--max-batch-tokens", "64", "--max-queue-tokens", "1000000")
     try:
-        busy = ["python code is fast and the model is slow " * 6] * 1500  # 1500 one-input batches: seconds
-        first = threading.Thread(target=lambda: httpx.post(srv.url + "/embed", json={"inputs": busy}, timeout=120))
-        first.start()
-        deadline = time.monotonic() + 20
-        while queued_inputs(srv.url) < 1000 and time.monotonic() < deadline:  # the first one is queued
+        busy = ["python code is fast and the model is slow " * 6] * 2048  # one input per batch: 3 x 2048 batches
+        first = [threading.Thread(target=lambda: httpx.post(srv.url + "/embed", json={"inputs": busy}, timeout=300))
+                 for _ in range(3)]
+        for t in first:
+            t.start()
+        deadline = time.monotonic() + 60
+        while queued_inputs(srv.url) < 3 * 2048 - 500 and time.monotonic() < deadline:  # they are queued
             time.sleep(0.01)
         body = json.dumps({"inputs": ["left before its turn"] * 7}).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as s:  # send, then hang up at once
             s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             time.sleep(0.3)
-        first.join(120)
+        for t in first:
+            t.join(300)
         metrics = httpx.get(srv.url + "/metrics").text
         dropped = [line for line in metrics.splitlines() if line.startswith("sbert_inputs_dropped_total")]
         assert float(dropped[0].split()[-1]) == 7, dropped
