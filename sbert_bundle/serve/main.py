@@ -38,8 +38,12 @@ class DrainingServer(uvicorn.Server):
         self.service, self.drain_timeout_s = service, drain_timeout_s
 
     def handle_exit(self, sig, frame) -> None:
-        if self.service.draining:  # a second signal: uvicorn's shutdown now (a second Ctrl-C forces it)
-            return super().handle_exit(sig, frame)
+        if self.service.draining:  # a second signal: stop now, cutting off what is still in flight
+            log.warning("signal %d again: stopping without waiting (%d requests in flight)", sig,
+                        self.service.in_flight)
+            self.force_exit = True
+            self.should_exit = True
+            return
         log.warning("signal %d: draining (%d requests in flight, up to %.0f s)", sig, self.service.in_flight,
                     self.drain_timeout_s)
         self.service.drain()
