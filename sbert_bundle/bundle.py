@@ -31,6 +31,15 @@ class VariantError(LookupError):
     """The requested variant is unknown or cannot run here; lists what can."""
 
 
+class TextError(ValueError):
+    """sentences[index] cannot be tokenized; `problem` says why (callers with their own field names,
+    such as the server, name the input from index and problem)."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"sentences[{index}] {problem}")
+        self.index, self.problem = index, problem
+
+
 class NonFiniteError(ArithmeticError):
     """A variant produced NaN or Inf embeddings: its numbers are wrong, not just imprecise."""
 
@@ -223,8 +232,8 @@ class Bundle:
             try:
                 s.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(f"sentences[{i}] is not valid Unicode text: {e.reason} "
-                                 f"(U+{ord(s[e.start]):04X} at character {e.start})") from None
+                raise TextError(i, f"is not valid Unicode text: {e.reason} "
+                                   f"(U+{ord(s[e.start]):04X} at character {e.start})") from None
         prompt = self.head.resolve_prompt(prompt, prompt_name)
         prompt_length = 0
         if prompt:

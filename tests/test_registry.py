@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import REPO, build_bundle, fast_params, make_st_model
+from serving import free_port
 from sbert_bundle import Bundle, IntegrityError
 from sbert_bundle.cli import main
 from sbert_bundle.manifest import MANIFEST_FILE, sha256_file
@@ -304,13 +305,6 @@ def test_package_refuses_an_embedding_dimension_the_model_does_not_have(tiny_bun
 
 # --- a team remote: S3 (a local S3-compatible server, moto, started by the test) ------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def s3_server():
@@ -322,7 +316,7 @@ def s3_server():
 
     import boto3
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
@@ -388,8 +382,6 @@ def test_serve_pull_serves_the_published_version_without_torch(producer, release
     import time
 
     import httpx
-
-    from serving import free_port
 
     producer.build(releases["a"])
     published = producer.publish()

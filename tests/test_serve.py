@@ -423,58 +423,58 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_bun
     assert_same(r.json(), loaded.encode(texts))
 
 
+class StuckUpload:
+    """A client that sends the start of a body and no more: its request stays in flight until
+    `release()` (or the server gives up on it)."""
+
+    def __init__(self, srv: Server):
+        self.stuck = threading.Event()
+
+        def never_ending_body():
+            yield b'{"inputs": '
+            self.stuck.wait(60)
+
+        self.client = threading.Thread(target=_swallow, args=(srv.url, never_ending_body()))
+        self.client.start()
+        deadline = time.monotonic() + 10
+        while in_flight_count(srv.url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.stuck.set()
+        self.client.join(30)
+
+
+def _swallow(url: str, content) -> None:
+    try:
+        httpx.post(url + "/embed", content=content, timeout=70)
+    except httpx.HTTPError:
+        pass
+
+
 def test_drain_timeout_cuts_off_what_is_still_in_flight(tiny_bundle, tmp_path):
     srv = Server(tiny_bundle, tmp_path / "server.log", "--drain-timeout", "1")
-    stuck = threading.Event()
-
-    def never_ending_body():
-        yield b'{"inputs": '
-        stuck.wait(30)
-
-    client = threading.Thread(target=_swallow, args=(srv.url, never_ending_body()))
-    client.start()
-    deadline = time.monotonic() + 10
-    while in_flight_count(srv.url) < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    upload = StuckUpload(srv)
     start = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     srv.proc.wait(20)
-    stuck.set()
-    client.join(30)
+    upload.release()
     assert srv.proc.returncode == 0 and time.monotonic() - start < 6
     assert "drain timeout: 1 requests still in flight" in srv.log.read_text()
 
 
 def test_a_second_sigterm_stops_without_waiting(tiny_bundle, tmp_path):
     srv = Server(tiny_bundle, tmp_path / "server.log", "--drain-timeout", "60")
-    stuck = threading.Event()
-
-    def never_ending_body():
-        yield b'{"inputs": '
-        stuck.wait(60)
-
-    client = threading.Thread(target=_swallow, args=(srv.url, never_ending_body()))
-    client.start()
-    deadline = time.monotonic() + 10
-    while in_flight_count(srv.url) < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    upload = StuckUpload(srv)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert srv.proc.poll() is None  # draining: it would wait up to 60 s
     start = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     srv.proc.wait(20)
-    stuck.set()
-    client.join(30)
+    upload.release()
     assert time.monotonic() - start < 5 and srv.proc.returncode == 0, srv.log.read_text()[-2000:]
     assert "stopping without waiting (1 requests in flight)" in srv.log.read_text()
-
-
-def _swallow(url: str, content) -> None:
-    try:
-        httpx.post(url + "/embed", content=content, timeout=40)
-    except httpx.HTTPError:
-        pass
 
 
 # --- the scheduler: a client that left has its queued inputs dropped --------------------------

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..bundle import _published
+from ..bundle import TextError, _published
 from ..head import Normalize
 from ..tokenization import Tokens
 from .metrics import Metrics
@@ -80,6 +80,10 @@ class Limits:
     truncate: bool
     prompts: frozenset
     model_names: tuple[str, ...] = field(default=())
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its embeddings were ready."""
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
@@ -177,13 +181,10 @@ class Service:
     def tokenize(self, req: EmbedRequest, field_name: str, status: int):
         if req.ids is not None:
             return [Tokens(ids) for ids in req.ids], 0, []
-        for i, s in enumerate(req.texts):
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ApiError(status, f"'{field_name}[{i}]' is not valid Unicode: {e.reason} (U+{ord(s[e.start]):04X} "
-                                       f"at character {e.start})", f"{field_name}[{i}]") from None
-        encodings, prompt_length = self.bundle.tokenize(req.texts, prompt_name=req.prompt_name)
+        try:
+            encodings, prompt_length = self.bundle.tokenize(req.texts, prompt_name=req.prompt_name)
+        except TextError as e:  # a lone surrogate: Bundle.tokenize's check, named as this route's field
+            raise ApiError(status, f"'{field_name}[{e.index}]' {e.problem}", f"{field_name}[{e.index}]") from None
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
         limit = self.limits.max_input_tokens
         for i, e in enumerate(encodings):
@@ -198,7 +199,7 @@ class Service:
         return encodings, prompt_length, truncated
 
     async def embed(self, request: Request, req: EmbedRequest, field_name: str, status: int):
-        """(embeddings, tokens, truncated indices) for a parsed request; None if the client left."""
+        """(embeddings, tokens, truncated indices) for a parsed request; ClientGone if the client left."""
         start = time.perf_counter()
         if req.texts is not None and sum(map(len, req.texts)) > INLINE_TOKENIZE_CHARS:
             encodings, prompt_length, truncated = await asyncio.to_thread(self.tokenize, req, field_name, status)
@@ -225,7 +226,7 @@ class Service:
         if not job.future.done():
             self.scheduler.cancel(job)
             job.future.cancel()
-            return None
+            raise ClientGone
         emb = job.future.result()
         if req.dimensions is not None and req.dimensions < emb.shape[1]:
             emb = _renormalize(emb[:, :req.dimensions])
@@ -301,6 +302,8 @@ def create_app(bundle, settings: Settings | None = None, published: dict | None 
                     response = await handler(request)
                 except ApiError as e:
                     response = error(e)
+                except ClientGone:  # nobody reads it; 499 (nginx's "client closed request") for the metrics
+                    response = Response(status_code=499)
                 except Exception:  # noqa: BLE001 - one request's failure is its own 500, logged without texts
                     log.exception("%s failed", path)
                     response = error(ApiError(500, "internal error: the server's log has the details",
@@ -314,10 +317,7 @@ def create_app(bundle, settings: Settings | None = None, published: dict | None 
     @route("/v1/embeddings", ["POST"], _openai_error)
     async def openai_embeddings(request):
         req = parse_openai(await service.body(request), service.limits)
-        done = await service.embed(request, req, "input", 400)
-        if done is None:
-            return Response(status_code=499)
-        emb, tokens, truncated = done
+        emb, tokens, truncated = await service.embed(request, req, "input", 400)
         if req.encoding_format == "base64":
             rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
         else:
@@ -334,10 +334,7 @@ def create_app(bundle, settings: Settings | None = None, published: dict | None 
     @route("/embed", ["POST"], _tei_error)
     async def tei_embed(request):
         req = parse_tei(await service.body(request), service.limits)
-        done = await service.embed(request, req, "inputs", 422)
-        if done is None:
-            return Response(status_code=499)
-        emb, _, truncated = done
+        emb, _, truncated = await service.embed(request, req, "inputs", 422)
         return _json(emb, headers=_truncation_headers(truncated))
 
     @route("/tokenize", ["POST"], _tei_error)
@@ -351,10 +348,11 @@ def create_app(bundle, settings: Settings | None = None, published: dict | None 
         add_special = body.get("add_special_tokens", True)
         if not isinstance(add_special, bool):
             raise ApiError(422, "'add_special_tokens' must be true or false", "add_special_tokens")
-        service.tokenize(req, "inputs", 422)  # the same checks as /embed
-        prompt = bundle.head.resolve_prompt(None, req.prompt_name) or ""
-        encodings = bundle.tokenizer.tokenizer.encode_batch([prompt + t for t in req.texts],
-                                                           add_special_tokens=add_special)
+        encodings, _, _ = service.tokenize(req, "inputs", 422)  # the same checks and tokens as /embed
+        if not add_special:
+            prompt = bundle.head.resolve_prompt(None, req.prompt_name) or ""
+            encodings = bundle.tokenizer.tokenizer.encode_batch([prompt + t for t in req.texts],
+                                                               add_special_tokens=False)
         return _json([[{"id": i, "text": tok, "special": bool(sp), "start": a, "stop": b}
                        for i, tok, sp, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)]
                       for e in encodings])
