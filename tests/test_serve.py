@@ -553,6 +553,15 @@ def test_serve_without_a_bundle_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nope" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("flags,message", [(["--port", "70000"], "--port 70000: expected 0 to 65535"),
+                                           (["--max-inputs", "0"], "--max-inputs 0: expected 1 or more"),
+                                           (["--api-key-file", "/nonexistent/keys"], "/nonexistent/keys")])
+def test_a_bad_flag_is_one_line_naming_it(tiny_bundle, flags, message):
+    r = subprocess.run([sys.executable, "-m", "sbert_bundle.cli", "serve", str(tiny_bundle), *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
 def test_the_runtime_never_imports_the_server(tiny_bundle):
     code = ("import sys, sbert_bundle, sbert_bundle.cli; sbert_bundle.Bundle.load(sys.argv[1]).encode(['x']); "
             "bad = [m for m in ('sbert_bundle.serve', 'starlette', 'uvicorn', 'prometheus_client') "

@@ -71,6 +71,8 @@ def settings_from(args) -> Settings:
             raise ValueError(f"{name} {value}: expected 1 or more")
     if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
         raise ValueError(f"--max-batch-tokens {args.max_batch_tokens}: expected 1 or more")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0 to 65535")
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout {args.drain_timeout}: expected 0 or more seconds")
     return Settings(api_keys=tuple(keys), public_metrics=args.public_metrics, max_inputs=args.max_inputs,
