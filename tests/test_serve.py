@@ -374,10 +374,15 @@ def test_public_metrics_and_texts_never_logged(tiny_bundle, tmp_path):
 
 # --- lifecycle: drain on SIGTERM --------------------------------------------------------------
 
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of the server's /metrics."""
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])
+
+
 def in_flight_count(url: str) -> float:
     """The server's in-flight gauge, less the /metrics request that reads it."""
-    lines = httpx.get(url + "/metrics").text.splitlines()
-    return float(next(line for line in lines if line.startswith("sbert_requests_in_flight ")).split()[-1]) - 1
+    return metric(url, "sbert_requests_in_flight") - 1
 
 
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny_bundle, tmp_path, loaded):
@@ -505,34 +510,29 @@ def test_scheduler_drops_the_inputs_of_a_cancelled_job(loaded):
     assert scheduler.queued_inputs == 0 and scheduler.queued_tokens == 0
 
 
-def queued_inputs(url: str) -> float:
-    lines = httpx.get(url + "/metrics").text.splitlines()
-    return float(next(line for line in lines if line.startswith("sbert_queue_inputs ")).split()[-1])
-
-
 def test_a_client_that_disconnects_has_its_queued_inputs_dropped(tiny_bundle, tmp_path, loaded):
     import socket
 
     srv = Server(tiny_bundle, tmp_path / "server.log", "--max-batch-tokens", "64", "--max-queue-tokens", "1000000")
     try:
-        busy = ["python code is fast and the model is slow " * 6] * 2048  # one input per batch: 3 x 2048 batches
+        busy = ["python code is fast and the model is slow " * 6] * 2048  # one input per batch: 2 x 2048 batches
         first = [threading.Thread(target=lambda: httpx.post(srv.url + "/embed", json={"inputs": busy}, timeout=300))
-                 for _ in range(3)]
+                 for _ in range(2)]
         for t in first:
             t.start()
-        deadline = time.monotonic() + 60
-        while queued_inputs(srv.url) < 3 * 2048 - 500 and time.monotonic() < deadline:  # they are queued
-            time.sleep(0.01)
+        deadline = time.monotonic() + 60  # a request is queued right after its tokenization is counted
+        while metric(srv.url, "sbert_tokenize_seconds_count") < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         body = json.dumps({"inputs": ["left before its turn"] * 7}).encode()
-        with socket.create_connection(("127.0.0.1", srv.port)) as s:  # send, then hang up at once
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:  # queued behind 2048 or more batches
             s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            time.sleep(0.3)
+            while metric(srv.url, "sbert_tokenize_seconds_count") < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert metric(srv.url, "sbert_queue_inputs") > 7  # it hung up while the first ones still ran
         for t in first:
             t.join(300)
-        metrics = httpx.get(srv.url + "/metrics").text
-        dropped = [line for line in metrics.splitlines() if line.startswith("sbert_inputs_dropped_total")]
-        assert float(dropped[0].split()[-1]) == 7, dropped
+        assert metric(srv.url, "sbert_inputs_dropped_total") == 7
     finally:
         assert srv.stop() == 0
 
