@@ -1,4 +1,5 @@
-"""Backends that run the Transformer graph of a bundle variant.
+"""Backends that run the Transformer graph of a bundle variant: onnxruntime (CPU, CUDA), TensorRT
+(`trt`), OpenVINO (`ov`, CPU).
 
 Each backend takes the tokenizer's arrays by name and returns `last_hidden_state` as
 float32 (batch, seq, hidden). `pick_device(variant)` says where a variant runs on this
@@ -19,6 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from .errors import BackendError
+from .errors import first_line as _first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,6 @@ def _ort():
     return onnxruntime
 
 
-class BackendError(RuntimeError):
-    """onnxruntime could not load or run a variant's graph; one line naming the file."""
-
-
 # onnxruntime's own exception types derive from Exception, not from RuntimeError or OSError.
 _ORT_ERRORS = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
                "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
@@ -122,6 +122,10 @@ def pick_device(variant: dict, device_id: int = 0) -> tuple[str | None, str]:
         from .trt import plan_compatibility
 
         return plan_compatibility(variant, device_id)
+    if backend == "openvino":
+        from .ov import place
+
+        return place(variant)
     return None, f"unknown backend {backend!r}"
 
 
@@ -183,11 +187,6 @@ def graph_dtype(path: Path, arg) -> type:
         raise BackendError(f"{path}: {arg.name} is {arg.type}; the CUDA backend binds only "
                            f"{', '.join(sorted(_ORT_DTYPES))}")
     return _ORT_DTYPES[arg.type]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 class OrtCudaBackend:
@@ -372,4 +371,8 @@ def open_backend(root: Path, variant: dict, device: str, threads: int | None = N
         from .trt import TrtBackend
 
         return TrtBackend(root / variant["file"], variant, device_id)
+    if variant["backend"] == "openvino":
+        from .ov import OvBackend
+
+        return OvBackend(root / variant["file"], root / variant["weights"], variant["inference_precision"], threads)
     raise ValueError(f"unknown backend {variant['backend']!r}")

@@ -11,6 +11,7 @@ import numpy as np
 
 from .archive import REPORT_FILE, SEAL_FILE, extract_bundle
 from .backends import open_backend, pick_device
+from . import cpu
 from .head import HEAD_FILE, load_head
 from .manifest import (MANIFEST_FILE, IntegrityError, check_integrity, check_threads, cpu_count, read_manifest,
                        sha256_file)
@@ -19,9 +20,9 @@ from .tokenization import TOKENIZER_FILE, TextTokenizer
 log = logging.getLogger(__name__)
 
 PUBLISHED_FILE = "published.json"  # written by `sbert-bundle pull` beside a release's bundle/
-# Without a verify report, CPU variants are preferred in this order (the most exact first).
-# Lossy variants (int8) are never picked by default: they run only when named.
-CPU_PREFERENCE = ("fp32-fused", "fp32")
+# Exact CPU variants are ranked by what this CPU is (sbert_bundle.cpu.exact_order): onnxruntime's
+# fp32-fused and fp32, and OpenVINO's ov-fp32, in the order measured fastest on such a CPU.
+# Lossy variants (int8, ov-bf16) are never picked by default: they run only when named.
 # On a GPU: the TensorRT plan of this GPU's target first (sbert_bundle.trt.target_choice), then
 # the fused fp16 graph on onnxruntime CUDA.
 GPU_PREFERENCE = ("fp16-fused", "fp16", "fp32-fused", "fp32")
@@ -56,6 +57,7 @@ def rank_variants(manifest: dict, report: dict | None, device_id: int = 0) -> li
     CUDA device `device_id`)."""
     variants = manifest["variants"]
     placed = {name: pick_device(v, device_id) for name, v in variants.items()}
+    cpu_order, _ = cpu.exact_order(cpu.cpu_info())
     passed = None
     if report:  # a result counts only on the device it was measured on (a CPU pass says nothing of CUDA)
         passed = {name: r for name, r in report["variants"].items()
@@ -76,7 +78,7 @@ def rank_variants(manifest: dict, report: dict | None, device_id: int = 0) -> li
             return (0, 0.0, name)
         if device == "cuda":
             return (1, GPU_PREFERENCE.index(name) if name in GPU_PREFERENCE else 9, name)
-        return (3, CPU_PREFERENCE.index(name) if name in CPU_PREFERENCE else 9, name)
+        return (3, cpu_order.index(name) if name in cpu_order else 9, name)
 
     ranked = []
     for name in sorted(variants, key=key):
@@ -129,7 +131,9 @@ class Bundle:
             self.backend = open_backend(self.root, spec, "cpu", threads)
         self.embedding_dimension = self.head.embedding_dimension
         # On CPU, token-capped batches are much faster (activations stay in cache); GPUs like big ones.
-        self.max_batch_tokens = runtime.get("cpu_max_batch_tokens") if device == "cpu" else None
+        # A variant may carry its own cap (OpenVINO's bf16 kernels like larger batches than onnxruntime's).
+        self.max_batch_tokens = spec.get("cpu_max_batch_tokens", runtime.get("cpu_max_batch_tokens")) \
+            if self.device == "cpu" else None
 
     @classmethod
     def load(cls, path: str | Path, variant: str | None = None, threads: int | None = None,
@@ -274,11 +278,20 @@ class Bundle:
                  **{k: self.manifest["variants"][n].get(k) for k in ("file", "backend", "precision", "fused")}}
                 for n, d, r in ranked
             ],
+            "cpu": _cpu_choice(),
+            "openvino_build": self.manifest.get("openvino_build"),
             "tensorrt_build": self.manifest.get("tensorrt_build"),
             "tensorrt_targets": trt_targets(self.manifest, ranked),
             "verify": self.report,
             "published": _published(self.release),
         }
+
+
+def _cpu_choice() -> dict:
+    """This CPU and the order its kind gives the exact CPU variants (sbert_bundle.cpu), and why."""
+    info = cpu.cpu_info()
+    order, why = cpu.exact_order(info)
+    return {**info, "exact_order": list(order), "why": why}
 
 
 def trt_targets(manifest: dict, ranked) -> list[dict]:
@@ -350,7 +363,9 @@ def plan_batches(lengths: list[int], batch_size: int, max_tokens: int | None) ->
 
 def runtime_files(root: Path, manifest: dict) -> list[str]:
     """Every file the runtime reads: variant graphs/plans, head.json and what it points at, tokenizer."""
-    files = [HEAD_FILE, TOKENIZER_FILE] + [v["file"] for v in manifest.get("variants", {}).values()]
+    variants = manifest.get("variants", {}).values()
+    files = [HEAD_FILE, TOKENIZER_FILE] + [v["file"] for v in variants] + [v["weights"] for v in variants
+                                                                          if "weights" in v]
     try:
         spec = json.loads((Path(root) / HEAD_FILE).read_bytes())
     except (OSError, ValueError):

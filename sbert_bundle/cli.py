@@ -15,6 +15,7 @@ import numpy as np
 
 from .backends import BackendError, InstallError
 from .bundle import Bundle, NonFiniteError, VariantError
+from .cpu import describe_cpu
 from .head import HeadError
 from .manifest import IntegrityError, check_threads
 from .trt import sm
@@ -86,6 +87,7 @@ def _inspect(args) -> None:
     if bundle.head.prompts:
         print(f"prompts: {', '.join(bundle.head.prompts)} (default: {bundle.head.default_prompt_name})")
     print(f"selected here: {info['selected']['variant']} on {info['selected']['device']}")
+    print(f"CPU: {describe_cpu(info['cpu'])}; {info['cpu']['why']}")
     print("variants (best first):")
     for v in info["variants"]:
         state = f"runs here on {v['device']}" if v["runs_here"] else f"not used: {v['why_not']}"
@@ -103,6 +105,9 @@ def _inspect(args) -> None:
             print(f"  {t['target']:<8} {sm(t['compute_capability']):<6} {t['plan'] or '-':<16} {state}")
     elif trt.get("skipped"):  # a bundle from before GPU targets
         print(f"TensorRT plans: none, build_trt skipped: {trt.get('reason')}")
+    ov_build = info.get("openvino_build") or {}
+    if ov_build.get("skipped"):
+        print(f"OpenVINO variants: none, convert_openvino skipped: {ov_build.get('reason')}")
     published = info.get("published")
     if published:
         print(f"published: {published.get('name')}@{published.get('version')} (archive sha256 "

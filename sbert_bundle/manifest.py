@@ -10,7 +10,9 @@
     tools            versions of the tools that built it
     embedding_dimension, max_seq_length
     variants         {name: {file, backend, precision, fused, ...}}; a TensorRT plan also has
-                     target (the GPU target's name) and compute_capability ("9.0": the GPU it runs on)
+                     target (the GPU target's name) and compute_capability ("9.0": the GPU it runs on);
+                     an OpenVINO IR has weights (its .bin) and inference_precision (f32 or bf16)
+    openvino_build   {skipped, reason, openvino}: what convert_openvino did
     tensorrt_build   {targets: {name: {compute_capability, skipped, reason, plans}}}: what build_trt
                      did for each GPU target (older bundles: {skipped, reason, plans})
     files            {relative path: {sha256, size}} for every file except manifest.json
@@ -38,7 +40,7 @@ MAX_THREADS = 256            # manifest hint: above this it is not a plausible d
 MAX_BATCH_TOKENS = 1 << 20
 MAX_BUCKET_SIDE = 1 << 16
 MAX_SHOWN_PROBLEMS = 20
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8", "bf16", "fp8")
 DEVICES = ("cpu", "cuda")
 MAX_TRT_PLANS = 32           # TensorRT plans in one bundle: one per GPU target
@@ -178,9 +180,25 @@ def manifest_problems(m: dict) -> list[str]:
             need(isinstance(v.get("fused", False), bool), f"variants[{name!r}].fused: expected true or false")
             if v.get("backend") == "tensorrt":
                 _plan_problems(name, v, need)
+            if v.get("backend") == "openvino":  # IR: the graph (.xml) and its weights (.bin)
+                need(isinstance(v.get("weights"), str) and isinstance(files, dict) and v["weights"] in files,
+                     f"variants[{name!r}].weights: {_short(v.get('weights'))} is not a file listed in the manifest")
+                need(v.get("cpu_max_batch_tokens") is None or _int_in(v["cpu_max_batch_tokens"], 1, MAX_BATCH_TOKENS),
+                     f"variants[{name!r}].cpu_max_batch_tokens: {_short(v.get('cpu_max_batch_tokens'))}; expected "
+                     f"null or 1..{MAX_BATCH_TOKENS}")
+                need(v.get("inference_precision") in ("f32", "bf16"),
+                     f"variants[{name!r}].inference_precision: {_short(v.get('inference_precision'))}; "
+                     "known: f32, bf16")
         plans = sum(isinstance(v, dict) and v.get("backend") == "tensorrt" for v in variants.values())
         need(plans <= MAX_TRT_PLANS, f"variants: {plans} TensorRT plans; at most {MAX_TRT_PLANS}")
     _trt_build_problems(m.get("tensorrt_build"), need)
+    ov_build = m.get("openvino_build")
+    if ov_build is not None and need(isinstance(ov_build, dict), "openvino_build: expected an object"):
+        need(isinstance(ov_build.get("skipped"), bool), "openvino_build.skipped: expected true or false")
+        for key in ("reason", "openvino"):
+            value = ov_build.get(key)
+            need(value is None or (isinstance(value, str) and len(value) <= MAX_REASON_CHARS),
+                 f"openvino_build.{key}: expected null or a string of at most {MAX_REASON_CHARS} characters")
     runtime = m.get("runtime", {})
     if need(isinstance(runtime, dict), f"runtime: expected an object, got {type(runtime).__name__}"):
         threads = runtime.get("cpu_threads")
