@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 # Where pip (through its config) and `make lock` find the torch CPU wheel.
 FIND_LINKS ?= /opt/wheels
 
-.PHONY: install lock repro matrix test publish compat bench rebuild-check clean
+.PHONY: install lock repro matrix test publish compat peers-venv bench rebuild-check clean
 
 install: $(STAMP)
 
@@ -62,6 +62,16 @@ compat: .venv-st5/.installed-stamp
 	$(PYTHON) -m venv .venv-st5
 	.venv-st5/bin/python -m pip install -q torch==2.13.0
 	.venv-st5/bin/python -m pip install -q 'sentence-transformers[onnx]>=5,<6'
+	touch $@
+
+# The peers of tests/benchmarks/peers.py (sentence-transformers 5 with its ONNX and OpenVINO
+# backends, fastembed, openvino) in their own venv. Not locked: it only times peers, it builds nothing.
+peers-venv: .venv-peers/.installed-stamp
+
+.venv-peers/.installed-stamp:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q torch==2.13.0
+	.venv-peers/bin/python -m pip install -q 'sentence-transformers[onnx,openvino]>=5,<6' fastembed openvino
 	touch $@
 
 # Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock

@@ -45,7 +45,7 @@ def load_params(path: Path = PARAMS_FILE) -> dict:
 
 
 # The sections of params.yaml that a model's `overrides` may change for that model only.
-STAGE_SECTIONS = ("fetch", "export", "fp16", "quantize", "trt", "package", "verify", "publish")
+STAGE_SECTIONS = ("fetch", "export", "fp16", "quantize", "openvino", "trt", "package", "verify", "publish")
 
 
 def model_keys(params: dict) -> list[str]:

@@ -6,6 +6,7 @@ Writes artifacts/<model>/bundle/ and artifacts/<model>/bundle.tar.gz:
   tokenizer.json, config.json, …     tokenizer and model config
   modules.json, 1_Pooling/, …        sentence-transformers configuration
   onnx/model.onnx                    fp32; other ONNX variants beside it
+  openvino/model.xml, model.bin      OpenVINO IR (ov-fp32, ov-bf16), where convert_openvino built it
   trt/<target>/*.plan                TensorRT plans, one per GPU target that build_trt built
 The bundle needs nothing from the source folder or the pipeline.
 
@@ -39,7 +40,7 @@ from .split import WEIGHT_FILES
 
 log = logging.getLogger("stages.package")
 # Params sections that decide the bundle's content (verify's do not).
-BUILD_SECTIONS = ("model", "fetch", "export", "fp16", "quantize", "trt", "package")
+BUILD_SECTIONS = ("model", "fetch", "export", "fp16", "quantize", "openvino", "trt", "package")
 # variant name -> (artifact, path in the bundle, description)
 ONNX_VARIANTS = {
     "fp32": ("onnx/model.onnx", "onnx/model.onnx", {"precision": "fp32", "fused": False, "devices": ["cuda", "cpu"]}),
@@ -51,8 +52,15 @@ ONNX_VARIANTS = {
                    {"precision": "fp16", "fused": True, "devices": ["cuda", "cpu"]}),
     "int8": ("int8/model_int8.onnx", "onnx/model_int8.onnx", {"precision": "int8", "fused": True, "devices": ["cpu"]}),
 }
+# OpenVINO variants: one IR (artifacts/<model>/openvino/, from convert_openvino) run at two inference
+# precisions. ov-bf16 runs where the CPU has native bf16, and only when named (lossy, like int8).
+OPENVINO_DIR = "openvino"
+OPENVINO_VARIANTS = {
+    "ov-fp32": {"precision": "fp32", "inference_precision": "f32"},
+    "ov-bf16": {"precision": "bf16", "inference_precision": "bf16"},
+}
 TOOLS = ("sbert-bundle", "torch", "transformers", "sentence-transformers", "onnx", "onnxruntime",
-         "onnxconverter-common", "tokenizers", "numpy", "tensorrt")
+         "onnxconverter-common", "openvino", "tokenizers", "numpy", "tensorrt")
 # The locked build environment (`make lock`), named in the manifest by its path in the repository.
 LOCK_NAME = "requirements/lock-py311.txt"
 LOCK_FILE = REPO / LOCK_NAME
@@ -123,11 +131,15 @@ def tool_versions() -> dict:
     return found
 
 
-def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets: dict | None = None) -> dict:
+def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets: dict | None = None,
+                  variant_runtime: dict | None = None) -> dict:
     variants = {}
+    known = {**ONNX_VARIANTS, **OPENVINO_VARIANTS}
     for name in wanted:
-        if name not in ONNX_VARIANTS:
-            raise StageError(f"package.variants has {name!r}; known: {', '.join(ONNX_VARIANTS)}")
+        if name not in known:
+            raise StageError(f"package.variants has {name!r}; known: {', '.join(known)}")
+        if name in OPENVINO_VARIANTS:
+            continue
         src, dest, info = ONNX_VARIANTS[name]
         if not (artifacts / src).is_file():
             log.info("variant %s: %s not built, left out", name, src)
@@ -152,10 +164,37 @@ def copy_variants(wanted: list[str], artifacts: Path, bundle: Path, trt_targets:
         variants["int8"]["quantization"] = {k: report.get(k) for k in (
             "method", "per_channel", "weight_type", "smoothed", "smoothing_alpha", "outlier_channels",
             "weight_only", "excluded_nodes", "calibration") if k in report}
+    variants.update(openvino_variants([n for n in wanted if n in OPENVINO_VARIANTS], artifacts, bundle))
     variants.update(trt_plans(trt_targets, artifacts / "trt", bundle))
+    for name, extra in (variant_runtime or {}).items():  # per-variant runtime defaults (package.variant_runtime)
+        if name in variants:
+            variants[name].update(extra)
     if "fp32" not in variants:
         raise StageError("the bundle needs the fp32 variant (artifacts/<model>/onnx/model.onnx); it is missing")
     return variants
+
+
+def openvino_build(artifacts: Path) -> dict:
+    """What convert_openvino did, for the manifest ({skipped, reason, openvino}); inspect shows it."""
+    path = artifacts / OPENVINO_DIR / "report.json"
+    if not path.is_file():
+        return {"skipped": True, "reason": "convert_openvino has not run", "openvino": None}
+    report = read_json(path, "OpenVINO conversion report")
+    return {"skipped": bool(report.get("skipped")), "reason": report.get("reason"), "openvino": report.get("openvino")}
+
+
+def openvino_variants(wanted: list[str], artifacts: Path, bundle: Path) -> dict[str, dict]:
+    """The IR copied to bundle/openvino/ once, and one variant per wanted inference precision."""
+    src = artifacts / OPENVINO_DIR
+    if not wanted or openvino_build(artifacts)["skipped"]:
+        if wanted:
+            log.info("variants %s: left out (%s)", ", ".join(wanted), openvino_build(artifacts)["reason"])
+        return {}
+    (bundle / OPENVINO_DIR).mkdir(parents=True, exist_ok=True)
+    for name in ("model.xml", "model.bin"):
+        shutil.copy2(src / name, bundle / OPENVINO_DIR / name)
+    return {name: {"file": f"{OPENVINO_DIR}/model.xml", "weights": f"{OPENVINO_DIR}/model.bin", "backend": "openvino",
+                   "fused": False, "devices": ["cpu"], **OPENVINO_VARIANTS[name]} for name in wanted}
 
 
 def trt_records(trt_targets: dict, trt_dir: Path) -> dict[str, dict]:
@@ -224,7 +263,8 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         raise StageError(f"model.embedding_dimension is {expected}, but the model's modules give "
                          f"{head.embedding_dimension}: fix conf/model (the registry advertises this value)")
     trt_targets = build_trt.targets(params["trt"])
-    variants = copy_variants(params["package"]["variants"], artifacts, bundle, trt_targets)
+    variants = copy_variants(params["package"]["variants"], artifacts, bundle, trt_targets,
+                             params["package"].get("variant_runtime"))
     source = read_json(artifacts / "source" / "provenance.json", "provenance")
     fields = {
         "name": params["model"]["name"],
@@ -239,6 +279,7 @@ def run(params: dict, artifacts: Path, bundle: Path) -> dict:
         "variants": variants,
         "runtime": dict(params["package"]["runtime"]),
         "tensorrt_build": trt_summary(trt_targets, artifacts / "trt"),
+        "openvino_build": openvino_build(artifacts),
     }
     try:
         return write_manifest(bundle, fields)
