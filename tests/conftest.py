@@ -129,13 +129,17 @@ def fast_params(params: dict) -> dict:
     return p
 
 
-def build_bundle(model_dir: Path, root: Path, params: dict, *, fp16: bool = True, int8: bool = False) -> Path:
+def build_bundle(model_dir: Path, root: Path, params: dict, *, fp16: bool = True, int8: bool = False,
+                 openvino: bool = False) -> Path:
     """Run the real stages on model_dir; artifacts under root/artifacts. Returns the bundle folder."""
-    return build_bundle_stages({"kind": "local", "path": str(model_dir)}, root, params, fp16=fp16, int8=int8)
+    return build_bundle_stages({"kind": "local", "path": str(model_dir)}, root, params, fp16=fp16, int8=int8,
+                               openvino=openvino)
 
 
-def build_bundle_stages(source: dict, root: Path, params: dict, *, fp16: bool = True, int8: bool = False) -> Path:
-    """fetch (from `source`) -> split -> export_onnx -> [convert_fp16] -> [quantize] -> package."""
+def build_bundle_stages(source: dict, root: Path, params: dict, *, fp16: bool = True, int8: bool = False,
+                        openvino: bool = False) -> Path:
+    """fetch (from `source`) -> split -> export_onnx -> [convert_fp16] -> [quantize] -> [convert_openvino]
+    -> package."""
     from stages import convert_fp16, export_onnx, fetch, package, split
 
     art = root / "artifacts"
@@ -154,6 +158,12 @@ def build_bundle_stages(source: dict, root: Path, params: dict, *, fp16: bool = 
         (art / "int8").mkdir(exist_ok=True)
         quantize.run(params["quantize"], art / "onnx", art / "split", art / "int8")
         wanted.append("int8")
+    if openvino:
+        from stages import convert_openvino
+
+        (art / "openvino").mkdir(exist_ok=True)
+        convert_openvino.run(params["openvino"], art / "onnx", art / "split", art / "openvino")
+        wanted += ["ov-fp32", "ov-bf16"]
     p = copy.deepcopy(params)
     p["package"]["variants"] = wanted
     p["model"]["embedding_dimension"] = None  # params.yaml's is the default model's, not this tiny one's
