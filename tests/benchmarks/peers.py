@@ -1,24 +1,31 @@
 """CPU speed against the tools a user would pick instead, in one process, alternating rounds.
 
-    .venv-st5/bin/python tests/benchmarks/peers.py                       # all-MiniLM-L6-v2 (make repro)
-    .venv-st5/bin/python tests/benchmarks/peers.py --model M --bundle B  # another model
-    .venv-st5/bin/python tests/benchmarks/peers.py --json benchmarks/results/peers-minilm.json
+    make peers-venv                                                          # once
+    .venv-peers/bin/python tests/benchmarks/peers.py                         # all-MiniLM-L6-v2 (make repro)
+    .venv-peers/bin/python tests/benchmarks/peers.py --model M --bundle B --targets mpnet  # another model
+    .venv-peers/bin/python tests/benchmarks/peers.py --json benchmarks/results/peers-minilm.json
 
-Runs in the compat venv (`make compat`: sentence-transformers 5 with its ONNX backend), which
-also loads our runtime (numpy, tokenizers, onnxruntime). Contenders, all on the evaluation
-corpus, every one with the same thread count:
-  pytorch        SentenceTransformer(model).encode                  (the reference embeddings)
-  st-onnx        backend="onnx", the plain exported graph
-  st-O3          its export_optimized_onnx_model(..., "O3") graph    (fused, GELU approximated)
-  st-int8-*      its export_dynamic_quantized_onnx_model graphs: one per config
-  ours: every CPU variant of the bundle                               (Bundle.encode)
+Runs in the peers venv (`make peers-venv`: sentence-transformers 5 with its ONNX and OpenVINO
+backends, fastembed, openvino; not locked, it builds nothing), which also loads our runtime from the
+checkout (numpy, tokenizers, onnxruntime, openvino). Contenders, all on the evaluation corpus,
+every one with the same thread count:
+  pytorch          SentenceTransformer(model).encode                  (the reference embeddings)
+  st-onnx          backend="onnx", the plain exported graph
+  st-O3            its export_optimized_onnx_model(..., "O3") graph    (fused, GELU approximated)
+  st-int8-*        its export_dynamic_quantized_onnx_model graphs: one per config
+  st-openvino      backend="openvino" at its defaults (bf16 on a CPU with native bf16)
+  st-openvino-f32  the same, INFERENCE_PRECISION_HINT f32
+  fastembed        fastembed's TextEmbedding on the bundle's onnx/model.onnx (add_custom_model +
+                   specific_model_path), its default batch size
+  ours: every exact CPU variant of the bundle and every lossy one  (Bundle.encode)
 Peers' graphs are exported once into --work (a copy of the model folder), as a user would.
 
 Each round times every contender once on the whole corpus, in an order that rotates from round
 to round; a ratio is the median over rounds of the two times measured in the same round, so a
 noisy machine moves both sides together. Printed per contender: sentences/s, ratio to
-PyTorch, ratio to the best peer of its precision class (fp32: pytorch, st-onnx, st-O3; int8:
-the st-int8 graphs; best = highest median sentences/s), min / mean cosine to PyTorch.
+PyTorch, ratio to the best peer of its precision class (fp32, int8, bf16; best = highest median
+sentences/s), min / mean cosine to PyTorch; then each target of --targets, met or missed; and with
+every table, the CPU model and its relevant flags.
 """
 
 from __future__ import annotations
@@ -36,11 +43,23 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # our runtime, from the checkout (the compat venv does not install it)
+sys.path.insert(0, str(REPO))  # our runtime, from the checkout (the peers venv does not install it)
 
-# Issue 11's targets per --targets: our variant's class -> (ratio to beat, against what, min cosine)
-TARGETS = {"peers": {"fp32": (2.0, "best peer", 0.99999), "int8": (1.8, "best peer", 0.995)},  # all-MiniLM-L6-v2
-           "mpnet": {"int8": (2.0, "pytorch", 0.99)}}                                            # all-mpnet-base-v2
+# Targets per --targets set: name -> (which of our rows, ratio, against, min cosine). Our rows:
+# "class:C" every variant of class C; "default" the variant Bundle.load() picks here; "fastest lossy"
+# our fastest variant that is not fp32. against: "pytorch", or peers (a trailing * matches a prefix),
+# of which the fastest in this run counts.
+FP32_PEERS = ["pytorch", "st-onnx", "st-O3", "st-openvino-f32", "fastembed"]
+TARGETS = {
+    "peers": {  # issue 11, all-MiniLM-L6-v2
+        "fp32 vs best fp32 peer": ("class:fp32", 2.0, FP32_PEERS, 0.99999),
+        "int8 vs best st int8": ("class:int8", 1.8, ["st-int8-*"], 0.995)},
+    "mpnet": {"int8 vs pytorch": ("class:int8", 2.0, ["pytorch"], 0.99)},  # all-mpnet-base-v2
+    "openvino": {  # issue 22
+        "exact: default vs st-O3": ("default", 2.0, ["st-O3"], 0.99999),
+        "exact: default vs st-openvino-f32": ("default", 1.3, ["st-openvino-f32"], 0.99999),
+        "fast: best lossy vs fastest st option": ("fastest lossy", 1.5, ["st-openvino", "st-int8-*"], 0.9999)},
+}
 
 
 def peer_models(model: Path, work: Path, threads: int, qconfigs: list[str]) -> dict:
@@ -68,6 +87,7 @@ def peer_models(model: Path, work: Path, threads: int, qconfigs: list[str]) -> d
     if not (folder / "onnx" / "model_O3.onnx").is_file():
         export_optimized_onnx_model(plain, "O3", str(folder))
     peers = {"st-onnx": ("fp32", plain), "st-O3": ("fp32", load("onnx/model_O3.onnx"))}
+    peers.update(openvino_peers(folder, threads))
     for config in qconfigs:  # the file is model_qint8_<config>.onnx or model_quint8_<config>.onnx (avx2)
         found = sorted((folder / "onnx").glob(f"model_q*int8_{config}.onnx"))
         if not found:
@@ -75,6 +95,39 @@ def peer_models(model: Path, work: Path, threads: int, qconfigs: list[str]) -> d
             found = sorted((folder / "onnx").glob(f"model_q*int8_{config}.onnx"))
         peers[f"st-int8-{config}"] = ("int8", load(f"onnx/{found[0].name}"))
     return peers
+
+
+def openvino_peers(folder: Path, threads: int) -> dict:
+    """sentence-transformers' OpenVINO backend (optimum-intel): at its defaults, and forced to f32."""
+    import openvino
+    from sentence_transformers import SentenceTransformer
+
+    def load(config: dict):
+        kwargs = {"ov_config": {"INFERENCE_NUM_THREADS": threads, **config}}
+        if (folder / "openvino" / "openvino_model.xml").is_file():
+            kwargs["file_name"] = "openvino/openvino_model.xml"
+        return SentenceTransformer(str(folder), device="cpu", backend="openvino", model_kwargs=kwargs)
+
+    if not (folder / "openvino" / "openvino_model.xml").is_file():  # export once, as a user would
+        load({}).save_pretrained(str(folder))
+    bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return {"st-openvino": ("bf16" if bf16 else "fp32", load({})),
+            "st-openvino-f32": ("fp32", load({"INFERENCE_PRECISION_HINT": "f32"}))}
+
+
+def fastembed_peer(bundle: Path, threads: int, dim: int):
+    """fastembed on the bundle's own plain graph and tokenizer, mean pooling + normalize (the default
+    model's head): TextEmbedding.embed with its default batch size."""
+    from fastembed import TextEmbedding
+    from fastembed.common.model_description import ModelSource, PoolingType
+
+    name = "sbert-bundle/peer"
+    if name not in [m["model"] for m in TextEmbedding.list_supported_models()]:
+        TextEmbedding.add_custom_model(model=name, pooling=PoolingType.MEAN, normalization=True,
+                                       sources=ModelSource(hf="sbert-bundle/peer"), dim=dim,
+                                       model_file="onnx/model.onnx")
+    model = TextEmbedding(model_name=name, specific_model_path=str(bundle), threads=threads)
+    return lambda sentences: np.stack(list(model.embed(sentences)))
 
 
 def main() -> None:
@@ -92,8 +145,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", help="our variants (default: every exact CPU variant and int8)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sbert-bundle-peers"),
                         help="where the peers' graphs are exported (reused between runs)")
-    parser.add_argument("--targets", choices=sorted(TARGETS), default="peers",
-                        help="which targets to mark: peers (all-MiniLM-L6-v2) or mpnet (all-mpnet-base-v2 INT8)")
+    parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=["peers", "openvino"],
+                        help="which targets to check: peers and openvino (all-MiniLM-L6-v2: issues 11 and 22), "
+                             "mpnet (all-mpnet-base-v2 INT8)")
+    parser.add_argument("--no-fastembed", action="store_true", help="leave fastembed out")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -102,8 +157,11 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    import openvino
+
     from sbert_bundle import Bundle
     from sbert_bundle.bundle import rank_variants
+    from sbert_bundle.cpu import cpu_info, describe_cpu
     from stages.common import row_cosines
 
     torch.set_num_threads(args.threads)
@@ -112,14 +170,18 @@ def main() -> None:
     contenders = {"pytorch": ("fp32", lambda: reference.encode(sentences, batch_size=args.batch_size))}
     for name, (cls, model) in peer_models(args.model, args.work, args.threads, args.qconfigs).items():
         contenders[name] = (cls, lambda m=model: m.encode(sentences, batch_size=args.batch_size))
+    if not args.no_fastembed:
+        embed = fastembed_peer(args.bundle, args.threads, reference.get_sentence_embedding_dimension())
+        contenders["fastembed"] = ("fp32", lambda: embed(sentences))
     peers = list(contenders)
-    manifest = Bundle.load(args.bundle).manifest
-    ours = args.variants or [n for n, d, why in rank_variants(manifest, None) if d == "cpu" and not why] + \
-        [n for n in manifest["variants"] if manifest["variants"][n].get("precision") == "int8"]
+    default = Bundle.load(args.bundle, threads=args.threads)
+    manifest = default.manifest
+    ranked = rank_variants(manifest, None)
+    lossy = [n for n, d, why in ranked if d == "cpu" and manifest["variants"][n]["precision"] in ("int8", "bf16")]
+    ours = args.variants or [n for n, d, why in ranked if d == "cpu" and not why] + lossy
     for name in dict.fromkeys(ours):
-        precision = manifest["variants"][name].get("precision", "fp32")
         bundle = Bundle.load(args.bundle, variant=name, threads=args.threads, verify_integrity=False)
-        contenders[name] = ("int8" if precision == "int8" else "fp32", lambda b=bundle: b.encode(sentences))
+        contenders[name] = (manifest["variants"][name]["precision"], lambda b=bundle: b.encode(sentences))
 
     ref = contenders["pytorch"][1]()
     parity = {name: row_cosines(np.asarray(fn(), dtype=np.float64), ref) for name, (_, fn) in contenders.items()}
@@ -144,30 +206,61 @@ def main() -> None:
                      "min_cos": float(parity[name].min()), "mean_cos": float(parity[name].mean())})
 
     tokens = [min(len(e), reference.max_seq_length) for e in reference.tokenizer(sentences)["input_ids"]]
-    print(f"\n{time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "
+    cpu = cpu_info()
+    versions = {"sentence-transformers": sentence_transformers.__version__, "onnxruntime": ort.__version__,
+                "torch": torch.__version__, "openvino": openvino.__version__.split("-")[0]}
+    if "fastembed" in contenders:
+        import fastembed
+        versions["fastembed"] = fastembed.__version__
+    print(f"\n{time.strftime('%Y-%m-%d')} {platform.node()}, CPU {describe_cpu(cpu)}, "
           f"{args.threads} threads each, {len(sentences)} sentences ({np.mean(tokens):.1f} tokens on average after "
-          f"truncation to {reference.max_seq_length}), "
-          f"{args.rounds} alternating rounds; sentence-transformers {sentence_transformers.__version__}, "
-          f"onnxruntime {ort.__version__}, torch {torch.__version__}")
-    print(f"{'contender':<20} {'class':<5} {'sent/s':>7} {'vs torch':>8} {'vs best peer':>22} {'min cos':>9} {'mean cos':>9}  target")
+          f"truncation to {reference.max_seq_length}), {args.rounds} alternating rounds; "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"default variant here: {default.variant} ({default.describe()['cpu']['why']})")
+    print(f"{'contender':<20} {'class':<5} {'sent/s':>7} {'vs torch':>8} {'vs best peer':>26} {'min cos':>9} {'mean cos':>9}")
     for row in rows:
         versus = f"{row['vs_best_peer']:.2f}x {row['best_peer']}" if row["vs_best_peer"] else ""
-        target = ""
-        if row["ours"] and row["class"] in TARGETS[args.targets]:
-            want, against, cos = TARGETS[args.targets][row["class"]]
-            got = row["vs_best_peer"] if against == "best peer" else row["vs_pytorch"]
-            ok = got >= want and row["min_cos"] >= cos
-            target = f"{'met' if ok else 'MISSED'} (>= {want}x {against} at min cos >= {cos})"
-            row["target"] = {"ratio": want, "against": against, "min_cos": cos, "met": ok}
         print(f"{row['contender']:<20} {row['class']:<5} {row['sentences_per_s']:>7.0f} {row['vs_pytorch']:>7.2f}x "
-              f"{versus:>22} {row['min_cos']:>9.6f} {row['mean_cos']:>9.6f}  {target}")
+              f"{versus:>26} {row['min_cos']:>9.6f} {row['mean_cos']:>9.6f}")
+    targets = check_targets(args.targets, rows, peers, default.variant, ratio)
+    print("targets:")
+    for t in targets:
+        print(f"  {'met   ' if t['met'] else 'MISSED'} {t['set']}: {t['target']}: {t['ours']} {t['ratio']:.2f}x "
+              f"{t['against']} (want >= {t['want']}x), min cos {t['min_cos']:.6f} (want >= {t['want_cos']})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "host": platform.node(),
+        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu": cpu,
                                          "threads": args.threads, "rounds": args.rounds, "command": " ".join(sys.argv),
-                                         "versions": {"sentence-transformers": sentence_transformers.__version__,
-                                                      "onnxruntime": ort.__version__, "torch": torch.__version__},
-                                         "rows": rows}, indent=2) + "\n")
+                                         "versions": versions, "default_variant": default.variant,
+                                         "rows": rows, "targets": targets}, indent=2) + "\n")
+
+
+def check_targets(sets: list[str], rows: list[dict], peers: list[str], default: str, ratio) -> list[dict]:
+    """Each target of the chosen sets, for each of our rows it applies to: the ratio against the
+    fastest of its peers measured in this run, and whether ratio and parity are met."""
+    by_name = {r["contender"]: r for r in rows}
+    ours = [r for r in rows if r["ours"]]
+    results = []
+    for set_name in sets:
+        for label, (which, want, against, want_cos) in TARGETS[set_name].items():
+            if which == "default":
+                subjects = [by_name[default]] if default in by_name else []
+            elif which == "fastest lossy":
+                lossy = [r for r in ours if r["class"] != "fp32"]
+                subjects = [max(lossy, key=lambda r: r["sentences_per_s"])] if lossy else []
+            else:
+                subjects = [r for r in ours if r["class"] == which.split(":", 1)[1]]
+            candidates = [p for p in peers if any(p == a or (a.endswith("*") and p.startswith(a[:-1]))
+                                                  for a in against)]
+            if not subjects or not candidates:
+                continue
+            best = max(candidates, key=lambda p: by_name[p]["sentences_per_s"])
+            for row in subjects:
+                got = ratio(row["contender"], best)
+                results.append({"set": set_name, "target": label, "ours": row["contender"], "against": best,
+                                "ratio": got, "want": want, "min_cos": row["min_cos"], "want_cos": want_cos,
+                                "met": got >= want and row["min_cos"] >= want_cos})
+    return results
 
 
 if __name__ == "__main__":
