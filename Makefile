@@ -71,7 +71,7 @@ peers-venv: .venv-peers/.installed-stamp
 .venv-peers/.installed-stamp:
 	$(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/python -m pip install -q torch==2.13.0
-	.venv-peers/bin/python -m pip install -q 'sentence-transformers[onnx,openvino]>=5,<6' fastembed openvino
+	.venv-peers/bin/python -m pip install -q 'sentence-transformers[onnx,openvino]>=5,<6' fastembed openvino nncf
 	touch $@
 
 # Rebuild HEAD (or REV=...) in a temporary clone and compare every output with its dvc.lock
