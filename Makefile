@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 # The build and test environment is locked (versions and sha256 of every file, torch the
 # local CPU wheel): requirements/lock-py311.txt, compiled by `make lock` from pyproject.toml's
-# `build`, `test`, `cluster`, `serve` and `serve-ray` extras plus requirements/lock.in. The lock is for CPython 3.11 on Linux x86_64.
+# `build`, `test`, `cluster`, `corpus`, `serve` and `serve-ray` extras plus requirements/lock.in. The lock is for CPython 3.11 on Linux x86_64.
 LOCK       := requirements/lock-py311.txt
 UV_VERSION := 0.13.9
 # Where pip (through its config) and `make lock` find the torch CPU wheel.
@@ -31,7 +31,7 @@ $(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
 # Regenerate the lock: the newest versions pyproject.toml's ranges allow today.
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra build --extra test --extra cluster --extra serve --extra serve-ray \
+	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra build --extra test --extra cluster --extra corpus --extra serve --extra serve-ray \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	  --find-links $(FIND_LINKS) --custom-compile-command 'make lock' -o $(LOCK)
 

@@ -1,4 +1,4 @@
-"""`sbert-bundle` command line: encode sentences with a bundle, or inspect one."""
+"""`sbert-bundle` command line: encode a corpus, inspect a bundle, pull, serve."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import logging
 import os
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from .backends import BackendError, InstallError
 from .bundle import Bundle, NonFiniteError, VariantError
@@ -21,56 +19,22 @@ from .manifest import IntegrityError, check_threads
 from .trt import sm
 
 
-def read_sentences(source: str) -> list[str]:
-    """One sentence per line from a file or stdin ("-"), decoded as strict UTF-8."""
-    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    where = "standard input" if source == "-" else source
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{where} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} "
-                         f"(byte offset {e.start}) ({e.reason})") from None
-    return [line.rstrip("\r") for line in text.split("\n")[:-1 if text.endswith("\n") else None]] if text else []
-
-
-def json_lines(emb: np.ndarray):
-    """One JSON list per embedding, 7 decimals; never NaN (encode refuses non-finite output)."""
-    for row in emb:
-        yield json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n"
-
-
-def write_output(path: str, emb: np.ndarray) -> None:
-    """Write beside path, then rename over it: a failed write leaves the old file (if any) as it was."""
-    target = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent if str(target.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.endswith(".npy"):
-                np.save(f, emb)
-            else:
-                f.writelines(line.encode() for line in json_lines(emb))
-        os.chmod(name, 0o644)
-        os.replace(name, target)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def _encode(args) -> None:
+    from .corpus.job import Settings, run
+
     if args.threads is not None:
         check_threads(args.threads, "--threads")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more")
-    sentences = read_sentences(args.input)
-    bundle = Bundle.load(args.bundle, variant=args.variant, threads=args.threads, device_id=args.device_id)
-    emb = bundle.encode(sentences, batch_size=args.batch_size, prompt=args.prompt, prompt_name=args.prompt_name)
-    if args.output:
-        write_output(args.output, emb)
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output} "
-              f"(variant {bundle.variant} on {bundle.device})", file=sys.stderr)
-        return
-    sys.stdout.writelines(json_lines(emb))
+    run(args.bundle, Settings(
+        input=args.input, output=args.output, input_format=args.input_format, column=args.field or args.column,
+        keep=args.keep or [], dtype=args.dtype, on_invalid=args.on_invalid, chunk_rows=args.chunk_rows,
+        batch_size=args.batch_size, prompt=args.prompt, prompt_name=args.prompt_name, variant=args.variant,
+        threads=args.threads, workers=args.workers, resume=args.resume, quiet=args.quiet, device_id=args.device_id))
+
+
+def _ray_encode(args) -> None:
+    from .corpus.ray_data import run_cli
+
+    run_cli(args)
 
 
 def _inspect(args) -> None:
@@ -226,18 +190,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log which variant is picked and why")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    enc = sub.add_parser("encode", help="embed sentences, one per line, from a file or stdin")
+    enc = sub.add_parser(
+        "encode", help="embed a corpus of any size: text, JSON lines, CSV or Parquet in; .npy, Parquet or JSON lines out",
+        description="Embed INPUT with BUNDLE in chunks: memory stays bounded whatever the corpus size, a progress "
+                    "bar (or, off a terminal, a log line every 10 s) shows rows, rows/s and ETA, and the output is "
+                    "committed chunk by chunk, so --resume goes on after a kill. Each embedding equals "
+                    "Bundle.encode's. CSV and Parquet need: pip install 'sbert-bundle[corpus]'.",
+        epilog="Input format from INPUT's name: .jsonl/.ndjson (each line a JSON string, or an object and --field), "
+               ".csv and .parquet (--column), anything else text, one sentence per line (also stdin). Output format "
+               "from -o's name: .npy (float32 or --dtype float16), .parquet (id = input row, embedding as a "
+               "fixed-size list, --keep columns), .jsonl; without -o, JSON lines on stdout. While it runs the data "
+               "sits in OUT.partial (OUT.parts/ for Parquet) beside OUT.progress.json; OUT appears when it is "
+               "complete. Rows that are null or not text are refused, naming the row; --on-invalid skip (or "
+               "empty) goes on and lists them in OUT.skipped.jsonl.")
     enc.add_argument("bundle", help="bundle folder or .tar.gz")
-    enc.add_argument("-i", "--input", default="-", help="text file, one sentence per line (default: stdin)")
-    enc.add_argument("-o", "--output", help="FILE.npy for a float32 array, else JSON lines (default: stdout)")
+    enc.add_argument("-i", "--input", default="-", help="input file (default: stdin, text lines)")
+    enc.add_argument("-o", "--output", help="FILE.npy, FILE.parquet or FILE.jsonl (default: JSON lines on stdout)")
+    enc.add_argument("--input-format", choices=["text", "jsonl", "csv", "parquet"],
+                     help="override the format the input's name gives")
+    enc.add_argument("--field", help="JSON lines: the field holding the text")
+    enc.add_argument("--column", help="CSV / Parquet: the column holding the text")
+    enc.add_argument("--keep", nargs="+", metavar="COLUMN", help="input columns copied into a Parquet output")
+    enc.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="stored precision of .npy / Parquet output (default float32; computed in float32)")
+    enc.add_argument("--on-invalid", choices=["error", "skip", "empty"], default="error",
+                     help="a null or non-text row: error (default), skip it, or embed an empty string; "
+                          "skip and empty list the rows in OUT.skipped.jsonl")
+    enc.add_argument("--resume", action="store_true", help="go on from the last committed chunk of an interrupted "
+                                                          "run with the same bundle, input and settings")
+    enc.add_argument("--workers", default="1",
+                     help="processes, each with its own session and a share of the cores; auto: the split measured "
+                          "fastest (see README) (default 1)")
+    enc.add_argument("--chunk-rows", type=int, default=8192, help="rows read, encoded and committed at a time "
+                                                                  "(default 8192)")
+    enc.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     enc.add_argument("--variant", help="variant name from the manifest (default: best that runs here)")
-    enc.add_argument("--batch-size", type=int, default=32)
-    enc.add_argument("--threads", type=int, help="onnxruntime intra-op threads on CPU (1 to the number of cores)")
+    enc.add_argument("--batch-size", type=int, default=32, help="sentences per batch at most (default 32)")
+    enc.add_argument("--threads", type=int, help="intra-op threads per worker (default: cores / workers)")
     enc.add_argument("--device-id", type=int, default=0, help="CUDA device for GPU variants (default 0)")
     enc.add_argument("--prompt", help="text prepended to every sentence (wins over --prompt-name)")
     enc.add_argument("--prompt-name", help="one of the model's prompts (`inspect` lists them; default: the "
                                            "model's default_prompt_name, if it has one)")
     enc.set_defaults(func=_encode)
+
+    ray = sub.add_parser(
+        "ray-encode", help="embed a Parquet dataset on a Ray cluster (Ray Data), writing Parquet shards",
+        description="Read Parquet from INPUT (a path every node sees, or s3://...), embed its --column with BUNDLE "
+                    "(a path every node sees) in actors that load the bundle once each, and write Parquet shards "
+                    "to OUTPUT: the input's columns plus `embedding`. Connects to RAY_ADDRESS, else starts a local "
+                    "Ray. Needs: pip install 'sbert-bundle[cpu,corpus,cluster]'.")
+    ray.add_argument("bundle", help="bundle folder or .tar.gz, at the same path on every node")
+    ray.add_argument("input", help="Parquet file or folder (or s3://bucket/prefix)")
+    ray.add_argument("output", help="folder for the Parquet shards (or s3://...)")
+    ray.add_argument("--column", required=True, help="the column holding the text")
+    ray.add_argument("--variant", help="variant name (default: the one Bundle.load picks on the driver, so every "
+                                       "node runs the same one)")
+    ray.add_argument("--concurrency", type=int, default=None,
+                     help="actors (default: the cluster's CPUs / --num-cpus, less one; actors on every CPU leave "
+                          "none for reading and writing, and the job stalls)")
+    ray.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor (default 1; also its threads)")
+    ray.add_argument("--batch-rows", type=int, default=4096, help="rows per map_batches call (default 4096)")
+    ray.add_argument("--on-invalid", choices=["error", "skip", "empty"], default="error",
+                     help="a null or non-text row: error (default), drop the row, or embed an empty string")
+    ray.set_defaults(func=_ray_encode)
 
     ins = sub.add_parser("inspect", help="manifest, variants, which one runs here and why")
     ins.add_argument("bundle", help="bundle folder or .tar.gz")
@@ -268,10 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         code = args.func(args)
+    except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (IntegrityError, VariantError, HeadError, BackendError, NonFiniteError, OSError, EOFError,
             tarfile.TarError, ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"sbert-bundle: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("sbert-bundle: interrupted", file=sys.stderr)
+        return 130
     return code or 0
 
 
