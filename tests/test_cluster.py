@@ -235,6 +235,43 @@ def test_a_resource_no_node_offers_fails_clearly_and_the_others_finish(producer,
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
 
 
+def test_ray_data_embeds_a_parquet_corpus_as_the_single_process_job_does(ray_cluster, tiny_bundle, tmp_path):
+    """`sbert-bundle ray-encode` against the two-node cluster (3 actors of 1 CPU, so on both nodes; the
+    fourth CPU reads and writes),
+    Parquet in two files, a null row dropped by --on-invalid skip; the embeddings equal the
+    single-process job's (to float rounding of other batchings) and the input's columns are kept."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import SENTENCES
+    from sbert_bundle.corpus.job import Settings, run
+
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} number {i}" for i in range(300)]
+    (tmp_path / "in").mkdir()
+    for part, rows in enumerate((range(0, 150), range(150, 300))):
+        pq.write_table(pa.table({"doc": list(rows), "text": [None if i == 77 else texts[i] for i in rows]}),
+                       tmp_path / "in" / f"part{part}.parquet")
+    single = tmp_path / "single.parquet"
+    run(str(tiny_bundle), Settings(input=str(tmp_path / "in" / "part0.parquet"), output=str(single), column="text",
+                                   keep=["doc"], on_invalid="skip", quiet=True))
+    run(str(tiny_bundle), Settings(input=str(tmp_path / "in" / "part1.parquet"), output=str(tmp_path / "s1.parquet"),
+                                   column="text", keep=["doc"], quiet=True))
+    expected = pa.concat_tables([pq.read_table(single), pq.read_table(tmp_path / "s1.parquet")])
+    done = subprocess.run([sys.executable, "-m", "sbert_bundle.cli", "ray-encode", str(tiny_bundle),
+                           str(tmp_path / "in"), str(tmp_path / "out"), "--column", "text", "--concurrency", "3",
+                           "--num-cpus", "1", "--batch-rows", "40", "--on-invalid", "skip"],
+                          env={**ENV, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = pq.read_table(tmp_path / "out").sort_by("doc")
+    assert got.schema.names == ["doc", "text", "embedding"]
+    assert got.column("doc").to_pylist() == expected.column("doc").to_pylist() == [i for i in range(300) if i != 77]
+    np.testing.assert_allclose(np.array(got.column("embedding").to_pylist()),
+                               np.array(expected.column("embedding").to_pylist()), atol=2e-6)
+    assert "wrote 299 embeddings" in done.stderr
+
+
 def test_repro_of_two_models_rebuilds_only_the_model_whose_params_changed(tmp_path):
     """The real dvc.yaml's cells (fetch -> split -> export_onnx) on two tiny models."""
     repo = tmp_path / "repo"
