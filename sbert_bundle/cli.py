@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     enc.add_argument("--resume", action="store_true", help="go on from the last committed chunk of an interrupted "
                                                           "run with the same bundle, input and settings")
     enc.add_argument("--workers", default="1",
-                     help="processes, each with its own session and a share of the cores; auto: the split measured "
-                          "fastest (see README) (default 1)")
+                     help="processes, each with its own session and a share of the cores (default 1); auto: the "
+                          "split measured fastest, one process on every core (README: Embedding a corpus)")
     enc.add_argument("--chunk-rows", type=int, default=8192, help="rows read, encoded and committed at a time "
                                                                   "(default 8192)")
     enc.add_argument("-q", "--quiet", action="store_true", help="no progress output")

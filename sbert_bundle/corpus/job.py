@@ -35,8 +35,9 @@ from .sources import InputError, Source, describe_invalid, fingerprint, input_fo
 log = logging.getLogger("sbert_bundle.corpus")
 RECORD_VERSION = 1
 ON_INVALID = ("error", "skip", "empty")
-# --workers auto: measured on 2 cores (tests/benchmarks/corpus_bench.py, 2026-12-08): see README
-AUTO_WORKERS_PER_CORE = 0.5
+# --workers auto: one process on every core. On 2 cores (Xeon, 2026-12-08; tests/benchmarks/corpus_bench.py,
+# 20,000 sentences) 1 process x 2 threads gave 278 sentences/s and 2 x 1 gave 250, at 384 against 935 MiB.
+AUTO_WORKERS = 1
 
 
 class ResumeError(ValueError):
@@ -64,8 +65,8 @@ class Settings:
     device_id: int = 0
 
 
-def auto_workers(cores: int | None = None) -> int:
-    return max(1, round((cores or cpu_count()) * AUTO_WORKERS_PER_CORE))
+def auto_workers() -> int:
+    return AUTO_WORKERS
 
 
 def record_path(output: str) -> Path:
@@ -222,9 +223,12 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
         raise ValueError(f"--dtype {s.dtype!r}: expected float32 or float16")
     if s.batch_size < 1:
         raise ValueError(f"--batch-size {s.batch_size}: expected 1 or more")
-    workers = auto_workers() if s.workers == "auto" else int(s.workers)
+    try:
+        workers = auto_workers() if s.workers == "auto" else int(s.workers)
+    except ValueError:
+        workers = 0
     if workers < 1:
-        raise ValueError(f"--workers {s.workers}: expected auto or 1 or more")
+        raise ValueError(f"--workers {s.workers}: expected auto or a number of processes, 1 or more")
     if s.output in (None, "-") and s.resume:
         raise ValueError("--resume needs an output file (-o): standard output cannot be resumed")
     if s.output not in (None, "-") and s.input != "-" and Path(s.output).resolve() == Path(s.input).resolve():
