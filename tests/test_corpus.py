@@ -242,6 +242,8 @@ def test_resume_without_a_record_and_on_stdout_are_refused(tiny_bundle, inputs, 
         run(str(tiny_bundle), settings(inputs["text"], tmp_path / "x.npy", resume=True))
     with pytest.raises(ValueError, match="standard output cannot be resumed"):
         run(str(tiny_bundle), settings(inputs["text"], None, resume=True))
+    with pytest.raises(ValueError, match="standard input cannot be read again"):
+        run(str(tiny_bundle), Settings(input="-", output=str(tmp_path / "x.npy"), resume=True, quiet=True))
 
 
 # --- memory ------------------------------------------------------------------------------------

@@ -231,6 +231,8 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
         raise ValueError(f"--workers {s.workers}: expected auto or a number of processes, 1 or more")
     if s.output in (None, "-") and s.resume:
         raise ValueError("--resume needs an output file (-o): standard output cannot be resumed")
+    if s.input == "-" and s.resume:
+        raise ValueError("--resume needs an input file (-i): standard input cannot be read again")
     if s.output not in (None, "-") and s.input != "-" and Path(s.output).resolve() == Path(s.input).resolve():
         raise ValueError(f"-o {s.output} is the input file")
     fmt = input_format(s.input, s.input_format)
@@ -251,13 +253,6 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
     state = _resume_state(record, print_fp, s, sink) if resumable else None
     skipped_file = skipped_path(s.output) if resumable else None
     skipped_partial = skipped_file.with_name(skipped_file.name + ".partial") if skipped_file else None
-    skipped_out = None
-    if skipped_partial is not None and s.on_invalid != "error":
-        skipped_out = open(skipped_partial, "r+b" if state else "wb")
-        if state:
-            skipped_out.truncate(state["skipped_bytes"])
-            skipped_out.seek(state["skipped_bytes"])
-    sink.open(state["sink"] if state else None)
     done_rows = state["rows_in"] if state else 0
     rows_out = state["rows_out"] if state else 0
     n_skipped = state["skipped"] if state else 0
@@ -268,6 +263,7 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
     progress = Progress(source.total_rows(), done_rows, s.quiet)
     pending: collections.deque = collections.deque()
     finished = False
+    skipped_out = None
 
     def commit_one():
         nonlocal done_rows, rows_out, n_skipped
@@ -291,6 +287,12 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
         progress.update(len(chunk.values))
 
     try:
+        if skipped_partial is not None and s.on_invalid != "error":
+            skipped_out = open(skipped_partial, "r+b" if state else "wb")
+            if state:
+                skipped_out.truncate(state["skipped_bytes"])
+                skipped_out.seek(state["skipped_bytes"])
+        sink.open(state["sink"] if state else None)
         line_numbers = fmt in ("text", "jsonl")
         for chunk in source.chunks(done_rows, (state["input_offset"] or 0) if state else 0):
             texts, rows, skipped = check_values(chunk, s.on_invalid, s.column, source.where, line_numbers)
@@ -314,7 +316,11 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
         if resumable:  # refused input or a failure: no half-written output is left, nothing to resume
             sink.discard()
             if skipped_out is not None:
-                skipped_out.close()
+                try:
+                    skipped_out.close()
+                except OSError:
+                    pass
+            if skipped_partial is not None:
                 skipped_partial.unlink(missing_ok=True)
             record.unlink(missing_ok=True)
         raise

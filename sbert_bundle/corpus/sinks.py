@@ -37,6 +37,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _close_quietly(f) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 def npy_header(rows: int, dim: int, dtype: np.dtype) -> bytes:
     header = "{'descr': %r, 'fortran_order': False, 'shape': (%d, %d), }" % (np.dtype(dtype).str, rows, dim)
     body = header.encode("latin1")
@@ -90,7 +97,7 @@ class AppendSink:
 
     def discard(self) -> None:
         if self.file is not None:
-            self.file.close()
+            _close_quietly(self.file)  # closing flushes: a full disk fails again here
         self.partial.unlink(missing_ok=True)
 
     def leftovers(self) -> list[Path]:
