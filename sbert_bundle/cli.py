@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "encode", help="embed a corpus of any size: text, JSON lines, CSV or Parquet in; .npy, Parquet or JSON lines out",
         description="Embed INPUT with BUNDLE in chunks: memory stays bounded whatever the corpus size, a progress "
                     "bar (or, off a terminal, a log line every 10 s) shows rows, rows/s and ETA, and the output is "
-                    "committed chunk by chunk, so --resume goes on after a kill. Each embedding equals "
-                    "Bundle.encode's. CSV and Parquet need: pip install 'sbert-bundle[corpus]'.",
+                    "committed chunk by chunk, so --resume goes on after a kill. Embeddings are "
+                    "Bundle.encode's, computed chunk by chunk. CSV and Parquet need: pip install 'sbert-bundle[corpus]'.",
         epilog="Input format from INPUT's name: .jsonl/.ndjson (each line a JSON string, or an object and --field), "
                ".csv and .parquet (--column), anything else text, one sentence per line (also stdin). Output format "
                "from -o's name: .npy (float32 or --dtype float16), .parquet (id = input row, embedding as a "
