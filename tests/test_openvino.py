@@ -27,7 +27,8 @@ from sbert_bundle import ov  # noqa: E402
 from sbert_bundle.backends import BackendError  # noqa: E402
 from sbert_bundle.bundle import VariantError, rank_variants  # noqa: E402
 from sbert_bundle.cli import main  # noqa: E402
-from sbert_bundle.manifest import MANIFEST_FILE, write_manifest  # noqa: E402
+from sbert_bundle.manifest import MANIFEST_FILE  # noqa: E402
+from test_runtime import copy_bundle, reseal  # noqa: E402
 
 HAS_BF16 = "BF16" in ov.cpu_capabilities()
 INTEL_AMX = {"vendor": "GenuineIntel", "model": "Xeon (AMX)",
@@ -49,19 +50,6 @@ def ov_bundle(tmp_path_factory, dense_model, params) -> Path:
     p = fast_params(params)
     p["package"]["variant_runtime"] = {"ov-bf16": {"cpu_max_batch_tokens": 2048}}
     return build_bundle(dense_model, tmp_path_factory.mktemp("ov-build"), p, fp16=False, openvino=True)
-
-
-def copy_bundle(src: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(src, dest)
-    return dest
-
-
-def reseal(root: Path, edit) -> None:
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
-    fields = {k: v for k, v in manifest.items() if k != "files"}
-    edit(fields)
-    write_manifest(root, fields)
 
 
 # --- build ---------------------------------------------------------------------------------
@@ -210,7 +198,7 @@ def test_concurrent_encode_matches_serial(ov_bundle):
 def test_a_broken_ir_is_one_line_naming_the_file(ov_bundle, tmp_path):
     root = copy_bundle(ov_bundle, tmp_path)
     (root / "openvino" / "model.bin").write_bytes(b"\0" * 100)  # weights cut short
-    reseal(root, lambda f: None)
+    reseal(root)
     with pytest.raises(BackendError) as e:
         Bundle.load(root, variant="ov-fp32")
     msg = str(e.value)

@@ -30,11 +30,10 @@ import numpy as np
 from ..bundle import Bundle
 from ..manifest import MANIFEST_FILE, cpu_count, sha256_file
 from .sinks import StdoutSink, open_sink
-from .sources import InputError, Source, describe_invalid, fingerprint, input_format
+from .sources import ON_INVALID, InputError, Source, describe_invalid, fingerprint, input_format
 
 log = logging.getLogger("sbert_bundle.corpus")
 RECORD_VERSION = 1
-ON_INVALID = ("error", "skip", "empty")
 # --workers auto: one process on every core. On 2 cores (Xeon, 2026-12-08; tests/benchmarks/corpus_bench.py,
 # 20,000 sentences) 1 process x 2 threads gave 278 sentences/s and 2 x 1 gave 250, at 384 against 935 MiB.
 AUTO_WORKERS = 1
@@ -244,13 +243,13 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
     resumable = not isinstance(sink, StdoutSink)
     print_ = (lambda text: None) if s.quiet else (lambda text: print(text, file=sys.stderr))
     record = record_path(s.output) if resumable else None
-    print_fp = {
+    identity = {
         "bundle_manifest_sha256": sha256_file(bundle.root / MANIFEST_FILE), "variant": bundle.variant,
         "device": bundle.device, "input": fingerprint(s.input), "input_format": fmt, "column": s.column,
         "keep": s.keep, "output": str(Path(s.output).resolve()) if resumable else None, "dtype": s.dtype,
         "on_invalid": s.on_invalid, "chunk_rows": s.chunk_rows, "batch_size": s.batch_size,
         "max_batch_tokens": bundle.max_batch_tokens, "prompt": s.prompt, "prompt_name": s.prompt_name}
-    state = _resume_state(record, print_fp, s, sink) if resumable else None
+    state = _resume_state(record, identity, s, sink) if resumable else None
     skipped_file = skipped_path(s.output) if resumable else None
     skipped_partial = skipped_file.with_name(skipped_file.name + ".partial") if skipped_file else None
     done_rows = state["rows_in"] if state else 0
@@ -280,7 +279,7 @@ def run(bundle_path: str, s: Settings, stdout=None) -> dict:
         rows_out += len(rows)
         n_skipped += len(skipped)
         if resumable:
-            _write_record(record, {"version": RECORD_VERSION, "fingerprint": print_fp, "rows_in": done_rows,
+            _write_record(record, {"version": RECORD_VERSION, "fingerprint": identity, "rows_in": done_rows,
                                    "rows_out": rows_out, "skipped": n_skipped, "input_offset": chunk.end_offset,
                                    "sink": sink_state,
                                    "skipped_bytes": skipped_out.tell() if skipped_out is not None else 0})

@@ -22,7 +22,8 @@ import sys
 import numpy as np
 
 from ..bundle import Bundle
-from .sources import describe_invalid
+from .sinks import embedding_column
+from .sources import ON_INVALID, describe_invalid
 
 
 class _Embedder:
@@ -50,9 +51,7 @@ class _Embedder:
         else:
             values = [v if isinstance(v, str) else "" for v in values]
         emb = self.bundle.encode(values, prompt=self.prompt, prompt_name=self.prompt_name)
-        flat = pa.array(emb.reshape(-1), type=pa.float32())
-        return batch.append_column(self.output_column,
-                                   pa.FixedSizeListArray.from_arrays(flat, self.bundle.embedding_dimension))
+        return batch.append_column(self.output_column, embedding_column(emb))
 
 
 def embed(dataset, bundle: str, column: str = "text", *, variant: str | None = None, batch_size: int = 4096,
@@ -65,7 +64,7 @@ def embed(dataset, bundle: str, column: str = "text", *, variant: str | None = N
     read and write tasks). Pass concurrency below that too. num_cpus: CPUs per actor,
     also its intra-op threads. on_invalid: a null or non-text row raises ("error"), is dropped
     ("skip") or embedded as "" ("empty")."""
-    if on_invalid not in ("error", "skip", "empty"):
+    if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid {on_invalid!r}: expected error, skip or empty")
     if variant is None:
         variant = Bundle.load(bundle).variant

@@ -37,6 +37,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def json_lines(emb: np.ndarray):
+    """One JSON list per embedding, 7 decimals (embeddings are finite: Bundle.embed refuses others)."""
+    for row in emb:
+        yield json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n"
+
+
+def embedding_column(emb: np.ndarray, dtype=np.float32):
+    """(rows, dim) embeddings as a pyarrow fixed-size list column of float32 or float16."""
+    import pyarrow as pa
+
+    emb = np.ascontiguousarray(emb, dtype=dtype)
+    values = pa.array(emb.reshape(-1), type=pa.float16() if emb.dtype == np.float16 else pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
+
+
 def _close_quietly(f) -> None:
     try:
         f.close()
@@ -76,8 +91,7 @@ class AppendSink:
         if self.fmt == "npy":
             self.file.write(np.ascontiguousarray(emb, dtype=self.dtype).tobytes())
         else:
-            self.file.writelines((json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n").encode()
-                                 for row in emb)
+            self.file.writelines(line.encode() for line in json_lines(emb))
 
     def commit(self) -> dict:
         self.file.flush()
@@ -131,9 +145,7 @@ class ParquetSink:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        flat = pa.array(np.ascontiguousarray(emb, dtype=self.dtype).reshape(-1), type=self.value_type)
-        columns = {"id": pa.array(ids, type=pa.int64()),
-                   "embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim)}
+        columns = {"id": pa.array(ids, type=pa.int64()), "embedding": embedding_column(emb, self.dtype)}
         for name in self.keep:
             try:
                 columns[name] = pa.array(keep[name])
@@ -193,7 +205,7 @@ class StdoutSink:
         pass
 
     def write(self, ids, emb, keep) -> None:
-        self.stream.writelines(json.dumps([round(float(x), 7) for x in row], allow_nan=False) + "\n" for row in emb)
+        self.stream.writelines(json_lines(emb))
 
     def commit(self) -> dict:
         self.stream.flush()

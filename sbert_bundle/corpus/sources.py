@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 FORMATS = ("text", "jsonl", "csv", "parquet")
+ON_INVALID = ("error", "skip", "empty")  # what a null or non-text value does (describe_invalid says why)
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PYARROW_HINT = "pip install 'sbert-bundle[corpus]'"
 
