@@ -176,6 +176,22 @@ def write_json(path: Path, data) -> None:
     Path(path).write_bytes(text.encode("utf-8"))
 
 
+MEASURED = "measured"
+
+
+def write_measured(art: Path, stage: str, figures: dict) -> Path:
+    """What a stage measured on this machine (max |diff| against PyTorch, cosines against fp32) to
+    artifacts/measured/<model>/<stage>.json, beside the stage outputs and not one of them: such
+    figures follow the CPU's instruction set, so a hashed output holds only the thresholds they
+    passed (docs/reproducibility.md). `dvc metrics show` reads them (dvc.yaml's metrics)."""
+    folder = Path(art).parent / MEASURED / Path(art).name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{stage}.json"
+    with atomic_file(target) as tmp:
+        write_json(tmp, figures)
+    return target
+
+
 def read_json(path: Path, what: str = "file") -> dict:
     try:
         return json.loads(Path(path).read_text())

@@ -2,7 +2,9 @@
 
 Reads artifacts/<model>/onnx/, writes artifacts/<model>/fp16/:
   model_fp16.onnx, model_fp16_fused.onnx   inputs/outputs keep their types (keep_io_types)
-  report.json                              parity against fp32, or why it could not run here
+  report.json                              the parity gate passed against fp32, or why it could not run
+                                           here; the measured cosines go to artifacts/<model>/measured/
+                                           convert_fp16.json (they follow the CPU)
 Op types or node names that overflow in fp16 can be kept in fp32 through conf/fp16/.
 """
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json
+from .common import (StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json,
+                     write_measured)
 from .export_onnx import validation_batches
 
 log = logging.getLogger("stages.convert_fp16")
@@ -49,15 +52,16 @@ def convert(src: Path, dest: Path, cfg: dict) -> list[str]:
     return kept
 
 
-def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, name: str) -> dict:
+def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, name: str) -> tuple[dict, dict]:
     """Sentence embeddings (through the bundle's head) of fp16 vs fp32 on CPU; the gate is on
-    those, as in verify. A valid graph the CPU provider cannot run is recorded, not failed."""
+    those, as in verify. A valid graph the CPU provider cannot run is recorded, not failed.
+    Returns (what report.json records: checked and the gate, the figures measured)."""
     from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as MissingKernel
 
     try:
         s16 = cpu_session(fp16)
     except MissingKernel as e:  # a valid graph this build's CPU provider has no fp16 kernel for
-        return {"checked": False, "reason": f"onnxruntime CPU cannot run {fp16.name}: {str(e).splitlines()[0]}"}
+        return {"checked": False, "reason": f"onnxruntime CPU cannot run {fp16.name}: {str(e).splitlines()[0]}"}, {}
     except Exception as e:  # noqa: BLE001 - anything else: the converted graph is broken
         raise StageError(f"{name}: the converted graph {fp16.name} is invalid: {str(e).splitlines()[0]}; keep the "
                          "offending nodes in fp32 via fp16.node_block_list / op_block_list") from None
@@ -79,11 +83,13 @@ def parity(fp32: Path, fp16: Path, batches: list[dict], head, min_cos: float, na
         raise StageError(f"{name}: min sentence cosine vs fp32 {worst:.6f} < {min_cos} "
                          "(fp16.parity.min_sentence_cosine); keep sensitive ops in fp32 via fp16.op_block_list / "
                          "node_block_list")
-    return {"checked": True, "device": "cpu", "min_sentence_cosine": worst,
-            "min_token_cosine": float(np.concatenate(token_cos).min()), "max_abs_diff": max_diff}
+    return {"checked": True, "device": "cpu", "min_sentence_cosine_at_least": min_cos}, {
+        "min_sentence_cosine": worst, "min_token_cosine": float(np.concatenate(token_cos).min()),
+        "max_abs_diff": max_diff}
 
 
 def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
+    """Writes the fp16 graphs and report.json to out_dir; returns the measured figures."""
     from transformers import AutoTokenizer
 
     from sbert_bundle.head import load_head
@@ -91,26 +97,28 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(split_dir / "transformer", trust_remote_code=False)
     head = load_head(split_dir / "modules")
     batches = validation_batches(tokenizer, head.max_seq_length, {"batch_sizes": [3], "lengths": [4, 40, 400]})
-    report = {}
+    report, measured = {}, {}
     for name, (src, dest) in PAIRS.items():
         if not (onnx_dir / src).is_file():
             log.info("%s: no %s, skipped", name, src)
             continue
         log.info("%s: converting %s", name, src)
         kept = convert(onnx_dir / src, out_dir / dest, cfg)
-        report[name] = {"file": dest, "source": src, "nodes_kept_fp32": kept,
-                        "parity": parity(onnx_dir / src, out_dir / dest, batches, head,
-                                         cfg["parity"]["min_sentence_cosine"], name)}
-        log.info("%s: %s", name, report[name]["parity"])
+        gate, figures = parity(onnx_dir / src, out_dir / dest, batches, head,
+                               cfg["parity"]["min_sentence_cosine"], name)
+        report[name] = {"file": dest, "source": src, "nodes_kept_fp32": kept, "parity": gate}
+        measured[name] = figures
+        log.info("%s: %s", name, figures or gate["reason"])
     write_json(out_dir / "report.json", report)
-    return report
+    return measured
 
 
 def main() -> None:
     def body(args):
         _, params, art = load_model(args)
         with atomic_dir(art / "fp16") as tmp:
-            run(params["fp16"], art / "onnx", art / "split", tmp)
+            measured = run(params["fp16"], art / "onnx", art / "split", tmp)
+        write_measured(art, "convert_fp16", measured)
 
     stage_main(__doc__, body)
 

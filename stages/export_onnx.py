@@ -5,7 +5,9 @@ Reads artifacts/<model>/split/ (transformer/ and head.json's max_seq_length), wr
   model_fused.onnx  the same after onnxruntime's transformer optimizer (Attention, LayerNorm… fused);
                     attention fusion only for the encoders it matches (ATTENTION_FUSION_ARCHS, right
                     padding), and the plain graph where no fusion validates (the reason logged)
-  report.json       input names, validation results, fusion statistics (fusion_notes: what was off, why)
+  report.json       input names, the validation cases and tolerances passed, fusion statistics
+                    (fusion_notes: what was off, why); the measured max |diff| goes to
+                    artifacts/<model>/measured/export_onnx.json instead: it follows the CPU
 The model is loaded with attn_implementation="eager": the SDPA graph does not fuse.
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import StageError, atomic_dir, cpu_session, load_model, stage_main, torch_threads, write_json
+from .common import (StageError, atomic_dir, cpu_session, load_model, stage_main, torch_threads, write_json,
+                     write_measured)
 
 log = logging.getLogger("stages.export_onnx")
 OUTPUT_NAME = "last_hidden_state"
@@ -50,7 +53,9 @@ def compare(name: str, ort_out: dict, ref: np.ndarray, atol: float, case: str) -
     return [] if diff <= atol else [f"{case}: {name} max |diff| {diff:.3g} > atol {atol:g}"]
 
 
-def validate(session, torch_model, input_names: list[str], batches: list[dict], atol: float, label: str) -> dict:
+def validate(session, torch_model, input_names: list[str], batches: list[dict], atol: float,
+             label: str) -> tuple[dict, float]:
+    """(the cases and the tolerance they passed, the largest |diff| measured); ValidationError past atol."""
     import torch
 
     failures, worst = [], 0.0
@@ -65,7 +70,7 @@ def validate(session, torch_model, input_names: list[str], batches: list[dict], 
             worst = max(worst, float(np.abs(outs[OUTPUT_NAME] - ref).max()))
     if failures:
         raise ValidationError(f"{label} graph differs from PyTorch:\n  " + "\n  ".join(failures))
-    return {"cases": [list(b["input_ids"].shape) for b in batches], "max_abs_diff": worst, "atol": atol}
+    return {"cases": [list(b["input_ids"].shape) for b in batches], "atol": atol}, worst
 
 
 def export(model_dir: Path, out_path: Path, opset: int):
@@ -150,8 +155,8 @@ def fuse_and_validate(plain: Path, fused: Path, cfg: dict, torch_model, input_na
     for attention_off in ([why] if why else ["", "the fully fused graph failed"]):
         try:
             stats = fuse(plain, fused, cfg["fused"], config, attention_off)
-            result = validate(cpu_session(fused), torch_model, input_names, batches, cfg["fused"]["atol"],
-                              "fp32-fused")
+            result, worst = validate(cpu_session(fused), torch_model, input_names, batches,
+                                     cfg["fused"]["atol"], "fp32-fused")
         except Exception as e:  # noqa: BLE001 - the optimizer and onnxruntime raise many types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("fusion (%s) failed: %s", "attention off" if attention_off else "all fusions", first)
@@ -159,14 +164,17 @@ def fuse_and_validate(plain: Path, fused: Path, cfg: dict, torch_model, input_na
             continue
         if attention_off and not why:
             notes.append("attention fusion off: the fully fused graph failed")
-        return {"fusion": stats, "validation": result, **({"fusion_notes": notes} if notes else {})}
+        return {"fusion": stats, "validation": result, "max_abs_diff": worst,
+                **({"fusion_notes": notes} if notes else {})}
     log.warning("fusion off for this model: fp32-fused is the plain graph (%s)", "; ".join(notes))
     shutil.copyfile(plain, fused)
-    result = validate(cpu_session(fused), torch_model, input_names, batches, cfg["fused"]["atol"], "fp32-fused")
-    return {"fusion": {}, "validation": result, "fusion_notes": notes + ["fusion off: fp32-fused is the plain graph"]}
+    result, worst = validate(cpu_session(fused), torch_model, input_names, batches, cfg["fused"]["atol"], "fp32-fused")
+    return {"fusion": {}, "validation": result, "max_abs_diff": worst,
+            "fusion_notes": notes + ["fusion off: fp32-fused is the plain graph"]}
 
 
 def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
+    """Writes model.onnx, model_fused.onnx and report.json to out_dir; returns the measured figures."""
     import onnx
 
     from sbert_bundle.head import load_head
@@ -180,25 +188,28 @@ def run(cfg: dict, split_dir: Path, out_dir: Path) -> dict:
     onnx.checker.check_model(str(plain))
     batches = validation_batches(tokenizer, max_len, cfg["validation"])
     report = {"input_names": input_names, "output_names": [OUTPUT_NAME], "opset": cfg["opset"]}
-    report["validation"] = {"fp32": validate(cpu_session(plain), torch_model,
-                                             input_names, batches, cfg["atol"], "fp32")}
-    log.info("fp32 matches PyTorch: max |diff| %.2g", report["validation"]["fp32"]["max_abs_diff"])
+    fp32, worst = validate(cpu_session(plain), torch_model, input_names, batches, cfg["atol"], "fp32")
+    report["validation"] = {"fp32": fp32}
+    measured = {"max_abs_diff_vs_pytorch": {"fp32": worst}}
+    log.info("fp32 matches PyTorch: max |diff| %.2g", worst)
     if cfg["fused"]["enabled"]:
         fused_report = fuse_and_validate(plain, fused, cfg, torch_model, input_names, batches, head)
         report["fusion"] = fused_report["fusion"]
         report["validation"]["fp32-fused"] = fused_report["validation"]
         if "fusion_notes" in fused_report:
             report["fusion_notes"] = fused_report["fusion_notes"]
-        log.info("fused matches PyTorch: max |diff| %.2g", report["validation"]["fp32-fused"]["max_abs_diff"])
+        measured["max_abs_diff_vs_pytorch"]["fp32-fused"] = fused_report["max_abs_diff"]
+        log.info("fused matches PyTorch: max |diff| %.2g", fused_report["max_abs_diff"])
     write_json(out_dir / "report.json", report)
-    return report
+    return measured
 
 
 def main() -> None:
     def body(args):
         _, params, art = load_model(args)
         with atomic_dir(art / "onnx") as tmp:
-            run(params["export"], art / "split", tmp)
+            measured = run(params["export"], art / "split", tmp)
+        write_measured(art, "export_onnx", measured)
 
     stage_main(__doc__, body)
 

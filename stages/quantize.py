@@ -3,7 +3,8 @@
 Reads artifacts/<model>/onnx/model_fused.onnx, writes artifacts/<model>/int8/:
   model_int8.onnx   quantize.method dynamic: per-channel QInt8 of the op types in quantize.op_types;
                     weight_only: MatMulNBits (see the end of this docstring)
-  report.json       what was changed, which nodes stay fp32 and why, calibration parity
+  report.json       what was changed, which nodes stay fp32 and why, the calibration parity gate passed
+                    (the measured cosines: artifacts/<model>/measured/quantize.json)
 
 Plain dynamic INT8 loses parity on BERT-like encoders (all-MiniLM-L6-v2: min cosine ~0.83,
 per-channel ~0.97) because a few activation channels carry outliers 10-30x the rest, and
@@ -11,11 +12,21 @@ one dynamic scale per tensor then leaves every other channel with a handful of l
 Before quantizing, two edits that leave the fp32 function unchanged move the outliers:
   1. smoothing (SmoothQuant) on every quantized node fed by a LayerNorm output (the first
      feed-forward MatMul; Q/K/V where attention is not fused; Attention when quantized):
-     x/s and W*s per input channel, s = amax(x)^alpha / amax(W)^(1-alpha);
+     x/s and W*s per input channel, s = amax(x)^alpha / amax(W)^(1-alpha) rounded to a grid
+     of eight steps per power of two;
   2. outlier split on the second feed-forward MatMul: its top-k input channels (after GELU)
      are computed by a small fp32 side path and removed from the quantized MatMul.
 Nodes are found by graph structure (LayerNorm -> MatMul; MatMul -> BiasGelu -> MatMul), so
 this carries over to other encoders that onnxruntime's BERT optimizer fuses the same way.
+
+The same int8 bytes on every x86-64 CPU: amax, the statistic both edits read, is not taken from
+onnxruntime's float32 kernels (whose last bits follow the instruction set: AVX2, AVX-512, AMX)
+but computed in float64 by onnx's reference evaluator on the plain graph model.onnx (every
+initializer and cast widened to float64); each watched tensor of the fused graph is matched to
+the plain graph's tensor feeding the MatMul with byte-identical weights. Float64 results differ
+between CPUs by ~1e-15 relative, so neither the top-k channel choice nor a grid step of the
+smoothing factors can move (tests/test_reproducible.py perturbs amax by 1e-6 and gets the same
+bytes).
 
 The attention output projection (the MatMul fed by each Attention) stays fp32 when
 quantize.attention_output_fp32 is set. On x86 CPUs without VNNI (AVX2, or AVX-512 without
@@ -39,13 +50,17 @@ min cosine, weight_only (8 bits, block 32) 0.995906; all-MiniLM-L6-v2 0.998276 (
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from .common import StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json
+from tqdm import tqdm
+
+from .common import (StageError, atomic_dir, cpu_session, load_model, progress_enabled, row_cosines, stage_main,
+                     write_json, write_measured)
 
 log = logging.getLogger("stages.quantize")
 SIDE_PATH = "_Outlier_"  # name marker of the fp32 side-path nodes
@@ -111,22 +126,77 @@ def attention_output(graph) -> list:
             and attention_fed(n.input[0])]
 
 
-def channel_absmax(model, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
-    """Largest |activation| per channel of each named tensor over the calibration batches."""
-    import onnx
+def weight_digests(model) -> dict[str, str]:
+    """Input tensor of each MatMul with a constant weight, keyed by the sha256 of that weight's values."""
+    from onnx import numpy_helper
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
+            digest = hashlib.sha256(numpy_helper.to_array(inits[n.input[1]]).tobytes()).hexdigest()
+            out.setdefault(digest, n.input[0])
+    return out
+
+
+def plain_twins(plain, model, tensors: list[str]) -> dict[str, str]:
+    """For each tensor of `model` (the fused graph) that feeds a MatMul with a constant weight, the
+    tensor of `plain` that feeds the MatMul with the same weight values: the same activation."""
+    fused_by_weight = {v: k for k, v in weight_digests(model).items()}
+    plain_inputs = weight_digests(plain)
+    twins = {}
     for name in tensors:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = cpu_session(probe.SerializeToString())
-    inputs = [i.name for i in session.get_inputs()]
+        digest = fused_by_weight.get(name)
+        if digest is None or digest not in plain_inputs:
+            raise StageError(f"quantize: the fused graph's tensor {name!r} feeds no MatMul whose weights are also "
+                             "in model.onnx, so its float64 statistics cannot be computed on the plain graph; "
+                             "set quantize.source to plain")
+        twins[name] = plain_inputs[digest]
+    return twins
+
+
+def float64_graph(model):
+    """A copy of `model` computing in float64: float initializers, constants and casts widened."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    graph = wide.graph
+
+    def widen(tensor):
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+
+    for init in graph.initializer:
+        widen(init)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                widen(a.t)
+            elif node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+    for value in list(graph.output) + list(graph.value_info):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return wide
+
+
+def channel_absmax(plain, model, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
+    """Largest |activation| per channel of each named tensor of `model` over the calibration batches,
+    computed in float64 on its twin in `plain` (onnx.reference; see the module docstring)."""
+    from onnx.reference import ReferenceEvaluator
+
+    twins = plain_twins(plain, model, tensors)
+    wanted = sorted(set(twins.values()))
+    evaluator = ReferenceEvaluator(float64_graph(plain))
+    inputs = [i.name for i in plain.graph.input]
     amax: dict[str, np.ndarray] = {}
-    for batch in batches:
-        for name, value in zip(tensors, session.run(tensors, {k: batch[k] for k in inputs})):
+    for batch in tqdm(batches, desc="float64 calibration", unit="batch", disable=not progress_enabled()):
+        for name, value in zip(wanted, evaluator.run(wanted, {k: batch[k] for k in inputs})):
             per_channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             amax[name] = np.maximum(amax.get(name, 0.0), per_channel)
-    return amax
+    return {name: amax[twin] for name, twin in twins.items()}
 
 
 class GraphEditor:
@@ -163,7 +233,7 @@ def split_outliers(ed: GraphEditor, ffn: list[tuple], amax: dict, k: int) -> dic
 
     moved = {}
     for n1, gelu, n2 in ffn:
-        idx = np.argsort(amax[n2.input[0]])[::-1][:k]
+        idx = np.argsort(-amax[n2.input[0]], kind="stable")[:k]  # stable: ties in input order on every CPU
         w1, w2, bias = ed.get(n1.input[1]), ed.get(n2.input[1]), ed.get(gelu.input[1])
         p = n2.name
         ed.add(p + "_oW1", w1[:, idx])
@@ -186,16 +256,32 @@ def split_outliers(ed: GraphEditor, ffn: list[tuple], amax: dict, k: int) -> dic
     return moved
 
 
+# Smoothing factors are rounded to 2^(k/STEPS_PER_OCTAVE): within 4.4% of the exact factor, which
+# costs no parity, and a grid step (0.125 in log2) that float64 differences (~1e-15) cannot cross.
+STEPS_PER_OCTAVE = 8
+_OCTAVE = np.array([2.0 ** (j / STEPS_PER_OCTAVE) for j in range(STEPS_PER_OCTAVE)], dtype=np.float32)
+
+
+def smoothing_factors(x_amax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """s = amax(x)^alpha / amax(W)^(1-alpha) per input channel, normalised to geometric mean 1 and
+    rounded to the grid 2^(k/STEPS_PER_OCTAVE) (float32 values from one fixed table): s moves only
+    if log2 of its float64 value sits within float64 noise of a grid boundary."""
+    x_amax = np.maximum(np.asarray(x_amax, np.float64), 1e-5)
+    w_amax = np.maximum(np.abs(w).max(axis=1).astype(np.float64), 1e-5)
+    log_s = alpha * np.log2(x_amax) - (1 - alpha) * np.log2(w_amax)
+    k = np.round((log_s - log_s.mean()) * STEPS_PER_OCTAVE).astype(np.int64)
+    return np.ldexp(_OCTAVE[k % STEPS_PER_OCTAVE], (k // STEPS_PER_OCTAVE).astype(np.int32)).astype(np.float32)
+
+
 def smooth(ed: GraphEditor, nodes: list, amax: dict, alpha: float) -> list[str]:
-    """x -> x/s before the node and W -> W*s (rows), s normalised to geometric mean 1."""
+    """x -> x/s before the node and W -> W*s (rows), s from smoothing_factors."""
     from onnx import helper
 
     for n in nodes:
         w = ed.get(n.input[1])
-        s = np.maximum(amax[n.input[0]], 1e-5) ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha)
-        s /= np.exp(np.log(s).mean())
+        s = smoothing_factors(amax[n.input[0]], w, alpha)
         ed.put(n.input[1], w * s[:, None])
-        ed.add(n.name + "_sinv", 1.0 / s)
+        ed.add(n.name + "_sinv", np.float32(1.0) / s)
         ed.before.setdefault(n.name, []).append(
             helper.make_node("Mul", [n.input[0], n.name + "_sinv"], [n.name + "_smoothed"], name=n.name + "_SmoothMul"))
         n.input[0] = n.name + "_smoothed"
@@ -255,6 +341,7 @@ def weight_only(cfg: dict, src: Path, dest: Path) -> dict:
 
 
 def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
+    """Writes model_int8.onnx and report.json to out_dir; returns the measured figures."""
     src = onnx_dir / ("model_fused.onnx" if cfg["source"] == "fused" else "model.onnx")
     if not src.is_file():
         raise StageError(f"quantize.source {cfg['source']!r} needs {src}, which export_onnx did not write")
@@ -267,13 +354,13 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
         report = dynamic(cfg, src, out_dir, batches)
     cos = embedding_cosines(src, out_dir / "model_int8.onnx", batches, head)
     report["calibration"] = {"corpus": cfg["calibration_corpus"], "sentences": int(cos.size),
-                             "min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}
+                             "min_cosine_vs_fp32_at_least": cfg["min_calibration_cosine"]}
     log.info("int8 vs fp32 on the calibration corpus: min cosine %.5f, mean %.5f", cos.min(), cos.mean())
     if cos.min() < cfg["min_calibration_cosine"]:
         raise StageError(f"int8 min cosine vs fp32 on {cfg['calibration_corpus']} is {cos.min():.5f} < "
                          f"quantize.min_calibration_cosine {cfg['min_calibration_cosine']}")
     write_json(out_dir / "report.json", report)
-    return report
+    return {"calibration": {"min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}}
 
 
 def dynamic(cfg: dict, src: Path, out_dir: Path, batches: list[dict]) -> dict:
@@ -291,7 +378,7 @@ def dynamic(cfg: dict, src: Path, out_dir: Path, batches: list[dict]) -> dict:
     to_smooth = layernorm_fed(model.graph, cfg["op_types"]) if cfg["smoothing"]["enabled"] else []
     if to_smooth or cfg["outliers"]["enabled"]:
         watched = sorted({n.input[0] for n in to_smooth} | {t[2].input[0] for t in ffn})
-        amax = channel_absmax(model, watched, batches)
+        amax = channel_absmax(onnx.load(str(src.parent / "model.onnx")), model, watched, batches)
         if cfg["outliers"]["enabled"]:
             report["outlier_channels"] = split_outliers(ed, ffn, amax, cfg["outliers"]["k"])
         if to_smooth:
@@ -322,11 +409,13 @@ def main() -> None:
     def body(args):
         _, params, art = load_model(args)
         cfg = params["quantize"]
+        measured = {}
         with atomic_dir(art / "int8") as tmp:
             if cfg["enabled"]:
-                run(cfg, art / "onnx", art / "split", tmp)
+                measured = run(cfg, art / "onnx", art / "split", tmp)
             else:
                 write_json(tmp / "report.json", {"skipped": True, "reason": "quantize.enabled is false"})
+        write_measured(art, "quantize", measured)
 
     stage_main(__doc__, body)
 

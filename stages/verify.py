@@ -5,8 +5,9 @@ corpus with each variant that runs here and with SentenceTransformer.encode (PyT
 and checks the gates in conf/verify/. Parity is against PyTorch fp32 on the CPU; speed
 ("vs torch") against PyTorch on the variant's own device (CPU, or the GPU for CUDA and
 TensorRT variants). Writes (never touching the bundle), in two kinds:
-  what repeats bit for bit on the same kind of machine (stage outputs in dvc.lock; release seals
-  report.json, so a rebuild gives the same release archive):
+  what repeats bit for bit on the same CPU type (stage outputs in dvc.lock; release seals
+  report.json, so a rebuild there gives the same release archive; on another CPU type the parity
+  figures' last bits may differ, which `make rebuild-check` reports as measured here):
     artifacts/<model>/verify/report.json      gate results per variant: device, parity, worst sentence
     artifacts/<model>/verify/metrics.json     DVC metrics: parity per variant
     artifacts/<model>/verify/plots/cosine/    DVC plots: per-sentence cosine, sorted
