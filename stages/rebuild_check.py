@@ -1,6 +1,7 @@
 """Rebuild a revision in a temporary clone and compare its outputs with what was published.
 
     python -m stages.rebuild_check [REV] [--model KEY] [--archive FILE] [--sha256 HEX] [--keep]
+                                   [--emulate-cpu MODEL]
 
 Clones this repository at REV (default HEAD) into a temporary folder, runs `dvc repro` there
 with this environment's python and dvc (first on PATH), and compares the md5 of every stage
@@ -17,7 +18,11 @@ Given --archive (a published release archive), the published report is put in th
 `release` re-run: the result must be the archive, bit for bit, whatever this CPU measured.
 --archive FILE also takes a bundle.tar.gz; --sha256 HEX compares a published digest with
 the rebuilt bundle.tar.gz and release archive of every model. --model names the model an
---archive belongs to where REV builds several. Exit 0 when every build output (and every
+--archive belongs to where REV builds several. --emulate-cpu MODEL (a qemu CPU model such as
+Haswell-noTSX: AVX2, no AVX-512) runs every stage command under qemu-user's emulation of that
+CPU, so that PyTorch, onnxruntime and OpenVINO pick their kernels for it: the check of "another
+CPU type" on the machine at hand. It rebuilds the stages up to package only (verify would time
+PyTorch under emulation), and is slow: about 30x. Exit 0 when every build output (and every
 given archive or digest) is the same, 1 otherwise. The environment is checked against the
 lock at REV first.
 """
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,8 +151,28 @@ def release_report(archive: Path, report_name: str) -> bytes | None:
     return None
 
 
-def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
-    """Clone REPO at rev into work/src and run dvc repro; (clone, committed dvc.lock, repro passed)."""
+def emulated_python(cpu: str, work: Path) -> Path:
+    """A folder whose `python` is this interpreter under qemu-user emulating CPU `cpu`; first on PATH,
+    it runs every `python -m stages.<name>` of dvc.yaml there while dvc itself runs natively."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        raise StageError("--emulate-cpu needs qemu-user's qemu-x86_64 (Debian / Ubuntu: apt-get install qemu-user)")
+    probe = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-c", "pass"], capture_output=True, text=True)
+    if probe.returncode:
+        said = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        raise StageError(f"--emulate-cpu {cpu}: qemu-x86_64 refused it ({said}); "
+                         "`qemu-x86_64 -cpu help` lists the models")
+    folder = work / "emulated-bin"
+    folder.mkdir()
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(qemu)} -cpu {shlex.quote(cpu)} {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return folder
+
+
+def rebuild(rev: str, work: Path, emulate_cpu: str | None = None) -> tuple[Path, dict, bool]:
+    """Clone REPO at rev into work/src and run dvc repro (up to package under an emulated CPU);
+    (clone, committed dvc.lock, repro passed)."""
     commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
     clone = work / "src"
     git("clone", "--quiet", "--no-checkout", str(REPO), str(clone))
@@ -162,8 +189,13 @@ def rebuild(rev: str, work: Path) -> tuple[Path, dict, bool]:
                         ", ".join(f"{k} {v or 'missing'}" for k, v in drift.items()))
     else:
         log.warning("%s at %s has no %s: the build environment is not locked there", rev, commit[:12], LOCK_NAME)
+    env, targets = stage_environment(), []
+    if emulate_cpu:
+        env["PATH"] = f"{emulated_python(emulate_cpu, work)}{os.pathsep}{env['PATH']}"
+        targets = ["package"]
+        log.info("stage commands run under qemu-x86_64 -cpu %s, up to package", emulate_cpu)
     log.info("rebuilding %s (%s) in %s", rev, commit[:12], clone)
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=stage_environment())
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=clone, env=env)
     return clone, committed, done.returncode == 0
 
 
@@ -199,10 +231,13 @@ def check_sha256(clone: Path, digest: str) -> tuple[bool, str]:
                    "check it against the rebuild with its own verify report)")
 
 
-def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None, model: str | None = None) -> int:
-    clone, committed, repro_ok = rebuild(rev, work)
+def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None, model: str | None = None,
+        emulate_cpu: str | None = None) -> int:
+    clone, committed, repro_ok = rebuild(rev, work, emulate_cpu)
     rebuilt = yaml.safe_load((clone / "dvc.lock").read_text())
     outcomes = compare(committed, rebuilt)
+    if emulate_cpu:  # verify and release were not run
+        outcomes = [o for o in outcomes if not measured_here(o.stage)]
     lines, first = verdict(outcomes, repro_ok)
     print(f"rebuild of {rev} against its dvc.lock:")
     print("\n".join(lines))
@@ -236,13 +271,17 @@ def main() -> None:
         parser.add_argument("--archive", type=Path, help="a published release archive or bundle.tar.gz")
         parser.add_argument("--sha256", help="a published archive's sha256 (e.g. from the version tag)")
         parser.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
+        parser.add_argument("--emulate-cpu", metavar="MODEL",
+                            help="run the stages up to package under qemu-user emulating this CPU (e.g. "
+                                 "Haswell-noTSX: AVX2, no AVX-512); needs qemu-user; about 30x slower")
 
     def body(args):
         if args.archive and not args.archive.is_file():
             raise StageError(f"--archive {args.archive}: no such file")
         work = Path(tempfile.mkdtemp(prefix="sbert-rebuild-"))
         try:
-            code = run(args.rev, work, args.archive and args.archive.resolve(), args.sha256, args.model)
+            code = run(args.rev, work, args.archive and args.archive.resolve(), args.sha256, args.model,
+                       args.emulate_cpu)
         finally:
             if args.keep:
                 print(f"clone kept in {work / 'src'}")

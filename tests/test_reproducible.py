@@ -356,3 +356,15 @@ def test_hashed_reports_hold_no_measured_figures(two_builds):
     for report in ("onnx/report.json", "fp16/report.json", "int8/report.json", "bundle/manifest.json"):
         found = keys(json.loads((art / report).read_text())) & measured
         assert not found, f"{report} holds measured figures {sorted(found)}"
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="qemu-user is not installed (apt-get install qemu-user): no emulated CPU to run under")
+def test_emulated_cpu_python_sees_no_avx512(tmp_path):
+    """rebuild-check --emulate-cpu: the `python` it puts first on PATH runs under an AVX2-only CPU."""
+    folder = rebuild_check.emulated_python("Haswell-noTSX", tmp_path)
+    code = "import numpy; f = numpy._core._multiarray_umath.__cpu_features__; print(f['AVX2'], f['AVX512F'])"
+    done = subprocess.run([str(folder / "python"), "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "False"]
+    with pytest.raises(StageError, match="--emulate-cpu NoSuchCPU: qemu-x86_64 refused it"):
+        rebuild_check.emulated_python("NoSuchCPU", tmp_path / "other")
