@@ -185,7 +185,8 @@ def add_serve_parser(sub) -> None:
     srv.set_defaults(func=_serve)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: `main` parses with it, and the docs' CLI reference is rendered from it."""
     parser = argparse.ArgumentParser(prog="sbert-bundle", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log which variant is picked and why")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "run with the same bundle, input and settings")
     enc.add_argument("--workers", default="1",
                      help="processes, each with its own session and a share of the cores (default 1); auto: the "
-                          "split measured fastest, one process on every core (README: Embedding a corpus)")
+                          "split measured fastest, one process on every core (docs/corpus.md)")
     enc.add_argument("--chunk-rows", type=int, default=8192, help="rows read, encoded and committed at a time "
                                                                   "(default 8192)")
     enc.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -278,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     lst.set_defaults(func=_list)
 
     add_serve_parser(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         code = args.func(args)

@@ -2,7 +2,7 @@
 
 `Bundle.load(variant=None)` ranks the exact CPU variants by `exact_order(cpu_info())`: a rule on
 the CPU's vendor and instruction-set flags, never on timings taken on another machine. Each rule
-names the measurement it rests on (the command and date are in the README's CPU table).
+names the measurement it rests on (the command and date are in docs/openvino.md).
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ def stage_main(doc: str, body: Callable[[argparse.Namespace], None],
     module = sys.modules["__main__"].__spec__.name if sys.modules["__main__"].__spec__ else "stage"
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Settings come from the params file (composed from conf/; see README).")
+                                     epilog="Settings come from the params file (composed from conf/; see docs/pipeline.md).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     parser.add_argument("--model", help="which model of params.yaml (a key of its `model`; needed when it has several)")

@@ -4,7 +4,7 @@ Every family is a tiny random model of its architecture, with a tokenizer of its
 the `tokenizers` library (WordPiece, SentencePiece-style Unigram, byte-level BPE), saved by
 sentence-transformers and run through the real stages. Parity is measured on the evaluation
 corpus (long inputs, nine scripts, empty strings) against SentenceTransformer.encode, in
-batches of mixed lengths; the README's model-zoo table cites these tests.
+batches of mixed lengths; docs/model-zoo.md's table cites these tests.
 """
 
 import json
