@@ -70,7 +70,7 @@ class OvBackend:
             core = openvino.Core()
             self.compiled = core.compile_model(core.read_model(str(xml), str(weights)), "CPU", config)
         except RuntimeError as e:  # OpenVINO's exceptions are RuntimeErrors
-            raise BackendError(f"{xml}: OpenVINO could not load it ({_openvino_message(e)})") from None
+            raise BackendError(f"{xml}: OpenVINO could not load it ({openvino_message(e)})") from None
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         unknown = set(self.input_names) - INPUTS
         if unknown:
@@ -85,13 +85,13 @@ class OvBackend:
         try:  # share_outputs=False (the default): the result is a copy, not the request's buffer
             out = request.infer({name: inputs[name] for name in self.input_names})[0]
         except RuntimeError as e:
-            raise BackendError(f"{self.path}: OpenVINO could not run it ({_openvino_message(e)})") from None
+            raise BackendError(f"{self.path}: OpenVINO could not run it ({openvino_message(e)})") from None
         finally:
             self.idle.put(request)
         return out.astype(np.float32, copy=False)
 
 
-def _openvino_message(error: BaseException) -> str:
+def openvino_message(error: BaseException) -> str:
     """OpenVINO's messages start with lines of source locations: keep the first that says something."""
     text = _SOURCE_LOCATION.sub("", str(error))
     lines = [line.strip() for line in text.splitlines() if line.strip()]

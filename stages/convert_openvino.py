@@ -17,7 +17,8 @@ Parity: the IR at f32 against onnxruntime on the same graph, and at bf16 where t
 native bf16 (else recorded as not checked, and why), as sentence cosines through the bundle's
 head on export's validation batches; the stage fails below a threshold. report.json holds the
 thresholds, never the measured figures (they follow the CPU's instruction set, and which checks
-run follows its bf16 support: issue 23), so it is the same on every CPU; the figures are logged.
+run follows its bf16 support), so it is the same on every CPU; the figures are logged and written to
+artifacts/measured/<model>/convert_openvino.json (docs/reproducibility.md).
 Without openvino installed, or with openvino.enabled false, report.json says skipped and why,
 and the bundle has no ov-* variant.
 """
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import OUTPUT_THREADS, StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main, write_json
+from .common import (OUTPUT_THREADS, StageError, atomic_dir, cpu_session, load_model, row_cosines, stage_main,
+                     write_json, write_measured)
 from .export_onnx import validation_batches
 
 log = logging.getLogger("stages.convert_openvino")
@@ -68,8 +70,14 @@ def sentence_cosines(out_dir: Path, batches: list[dict], reference: list[np.ndar
     """Per-sentence cosine of the IR at `precision` against the reference embeddings."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(out_dir / "model.xml"), "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": OUTPUT_THREADS})
+    from sbert_bundle.ov import openvino_message
+
+    try:
+        compiled = ov.Core().compile_model(str(out_dir / "model.xml"), "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": OUTPUT_THREADS})
+    except RuntimeError as e:  # e.g. bf16 listed by the CPU plugin while ONEDNN_MAX_CPU_ISA caps oneDNN below it
+        raise StageError(f"OpenVINO cannot compile {out_dir / 'model.xml'} at {precision} on this CPU: "
+                         f"{openvino_message(e)}") from None
     request = compiled.create_infer_request()
     names = [port.get_any_name() for port in compiled.inputs]
     cos = []
@@ -81,7 +89,9 @@ def sentence_cosines(out_dir: Path, batches: list[dict], reference: list[np.ndar
     return np.concatenate(cos)
 
 
-def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
+def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path, measured: dict | None = None) -> dict:
+    """Writes the IR and report.json to out_dir and returns the report; the min cosine measured at each
+    precision goes into `measured` (main writes it to artifacts/measured/<model>/convert_openvino.json)."""
     reason = skipped_reason(cfg)
     if reason:
         log.warning("OpenVINO variants skipped: %s", reason)
@@ -112,6 +122,8 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
         worst = float(sentence_cosines(out_dir, batches, reference, head, precision).min())
         log.info("OpenVINO IR at %s: min sentence cosine vs onnxruntime %.7f (threshold %s)", precision, worst,
                  threshold)
+        if measured is not None:
+            measured.setdefault("min_sentence_cosine_vs_onnxruntime", {})[precision] = worst
         if worst < threshold:
             raise StageError(f"the OpenVINO IR at {precision}: min sentence cosine vs onnxruntime on {SOURCE} "
                              f"{worst:.6f} < {threshold} (openvino.parity.{precision}_min_sentence_cosine)")
@@ -125,8 +137,10 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
 def main() -> None:
     def body(args):
         _, params, art = load_model(args)
+        measured = {}
         with atomic_dir(art / "openvino") as tmp:
-            run(params["openvino"], art / "onnx", art / "split", tmp)
+            run(params["openvino"], art / "onnx", art / "split", tmp, measured)
+        write_measured(art, "convert_openvino", measured)
 
     stage_main(__doc__, body)
 

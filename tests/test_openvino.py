@@ -88,6 +88,27 @@ def test_stage_report_is_the_same_on_every_cpu(ov_bundle):
     assert report["min_sentence_cosine"] == {"f32": 0.99999, "bf16": 0.9999}
 
 
+def test_an_ir_openvino_cannot_compile_is_one_line_naming_file_and_precision(ov_bundle, params, tmp_path,
+                                                                            monkeypatch):
+    """As with bf16 listed by the CPU plugin while ONEDNN_MAX_CPU_ISA caps oneDNN below it."""
+    import openvino
+
+    from stages import convert_openvino
+    from stages.common import StageError
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nCheck failed at "
+                           "src/plugins/intel_cpu/src/node.cpp:345:\nSupported primitive descriptors list is empty")
+
+    monkeypatch.setattr(openvino.Core, "compile_model", refuse)
+    art = ov_bundle.parent
+    with pytest.raises(StageError) as caught:
+        convert_openvino.run(fast_params(params)["openvino"], art / "onnx", art / "split", tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "model.xml") in message and " at f32 " in message
+    assert message.endswith("Supported primitive descriptors list is empty")
+
+
 @pytest.mark.parametrize("why", ["disabled", "not installed"])
 def test_without_openvino_the_stage_records_why_and_the_bundle_has_no_ov_variant(
         why, tiny_model, tmp_path, params, monkeypatch, capsys):
