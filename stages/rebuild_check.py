@@ -170,6 +170,15 @@ def emulated_python(cpu: str, work: Path) -> Path:
     return folder
 
 
+def dag_stages(clone: Path) -> set[str]:
+    """The stages dvc.yaml defines in clone (foreach and matrix cells by their names)."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=clone,
+                          env=stage_environment(), capture_output=True, text=True)
+    if done.returncode:
+        raise StageError(f"dvc stage list failed in {clone}: {done.stderr.strip()}")
+    return set(done.stdout.split())
+
+
 def rebuild(rev: str, work: Path, emulate_cpu: str | None = None) -> tuple[Path, dict, bool]:
     """Clone REPO at rev into work/src and run dvc repro (up to package under an emulated CPU);
     (clone, committed dvc.lock, repro passed)."""
@@ -181,6 +190,12 @@ def rebuild(rev: str, work: Path, emulate_cpu: str | None = None) -> tuple[Path,
     if not committed_lock.is_file():
         raise StageError(f"{rev} ({commit[:12]}) has no dvc.lock: nothing to compare with")
     committed = yaml.safe_load(committed_lock.read_text())
+    committed_lock.unlink()  # rebuilt from nothing: a stage the repro does not reach is missing, not "same"
+    stale = sorted(set((committed or {}).get("stages") or {}) - dag_stages(clone))
+    if stale:  # DVC keeps the entries of stages since removed from dvc.yaml; there is nothing to rebuild
+        log.warning("dvc.lock at %s holds stages that dvc.yaml no longer has, not compared: %s", rev, ", ".join(stale))
+        for name in stale:
+            del committed["stages"][name]
     lock = clone / LOCK_NAME
     if lock.is_file():
         drift = lock_drift(lock_pins(lock.read_text()))
@@ -234,7 +249,8 @@ def check_sha256(clone: Path, digest: str) -> tuple[bool, str]:
 def run(rev: str, work: Path, archive: Path | None = None, digest: str | None = None, model: str | None = None,
         emulate_cpu: str | None = None) -> int:
     clone, committed, repro_ok = rebuild(rev, work, emulate_cpu)
-    rebuilt = yaml.safe_load((clone / "dvc.lock").read_text())
+    rebuilt_lock = clone / "dvc.lock"
+    rebuilt = yaml.safe_load(rebuilt_lock.read_text()) if rebuilt_lock.is_file() else {}
     outcomes = compare(committed, rebuilt)
     if emulate_cpu:  # verify and release were not run
         outcomes = [o for o in outcomes if not measured_here(o.stage)]
