@@ -22,9 +22,10 @@ the rebuilt bundle.tar.gz and release archive of every model. --model names the 
 Haswell-noTSX: AVX2, no AVX-512) runs every stage command under qemu-user's emulation of that
 CPU, so that PyTorch, onnxruntime and OpenVINO pick their kernels for it: the check of "another
 CPU type" on the machine at hand. It rebuilds the stages up to package only (verify would time
-PyTorch under emulation), and is slow: about 30x. Exit 0 when every build output (and every
-given archive or digest) is the same, 1 otherwise. The environment is checked against the
-lock at REV first.
+PyTorch under emulation), and is slow: 10 to several hundred times (PyTorch's export the
+slowest; docs/reproducibility.md).
+Exit 0 when every build output (and every given archive or digest) is the same, 1 otherwise.
+The environment is checked against the lock at REV first.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def main() -> None:
         parser.add_argument("--keep", action="store_true", help="keep the temporary clone and print its path")
         parser.add_argument("--emulate-cpu", metavar="MODEL",
                             help="run the stages up to package under qemu-user emulating this CPU (e.g. "
-                                 "Haswell-noTSX: AVX2, no AVX-512); needs qemu-user; about 30x slower")
+                                 "Haswell-noTSX: AVX2, no AVX-512); needs qemu-user; 10 to several hundred times slower")
 
     def body(args):
         if args.archive and not args.archive.is_file():
