@@ -3,7 +3,7 @@
 Reads artifacts/<model>/onnx/, writes artifacts/<model>/fp16/:
   model_fp16.onnx, model_fp16_fused.onnx   inputs/outputs keep their types (keep_io_types)
   report.json                              the parity gate passed against fp32, or why it could not run
-                                           here; the measured cosines go to artifacts/<model>/measured/
+                                           here; the measured cosines go to artifacts/measured/<model>/
                                            convert_fp16.json (they follow the CPU)
 Op types or node names that overflow in fp16 can be kept in fp32 through conf/fp16/.
 """

@@ -7,7 +7,7 @@ Reads artifacts/<model>/split/ (transformer/ and head.json's max_seq_length), wr
                     padding), and the plain graph where no fusion validates (the reason logged)
   report.json       input names, the validation cases and tolerances passed, fusion statistics
                     (fusion_notes: what was off, why); the measured max |diff| goes to
-                    artifacts/<model>/measured/export_onnx.json instead: it follows the CPU
+                    artifacts/measured/<model>/export_onnx.json instead: it follows the CPU
 The model is loaded with attn_implementation="eager": the SDPA graph does not fuse.
 """
 

@@ -344,7 +344,7 @@ def test_smoothing_factors_lie_on_the_grid_with_geometric_mean_near_one():
 
 
 def test_hashed_reports_hold_no_measured_figures(two_builds):
-    """Measured figures (max |diff|, cosines) go to artifacts/<model>/measured/, not into outputs."""
+    """Measured figures (max |diff|, cosines) go to artifacts/measured/<model>/, not into outputs."""
     art = two_builds[0][0]
     measured = {"max_abs_diff", "min_cosine_vs_fp32", "mean_cosine_vs_fp32", "min_token_cosine", "min_sentence_cosine"}
 
