@@ -89,15 +89,14 @@ def sentence_cosines(out_dir: Path, batches: list[dict], reference: list[np.ndar
     return np.concatenate(cos)
 
 
-def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path, measured: dict | None = None) -> dict:
-    """Writes the IR and report.json to out_dir and returns the report; the min cosine measured at each
-    precision goes into `measured` (main writes it to artifacts/measured/<model>/convert_openvino.json)."""
+def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path) -> dict:
+    """Writes the IR and report.json to out_dir; returns the measured figures (the min cosine at each
+    precision checked here; none when skipped)."""
     reason = skipped_reason(cfg)
     if reason:
         log.warning("OpenVINO variants skipped: %s", reason)
-        report = {"skipped": True, "reason": reason, "openvino": None}
-        write_json(out_dir / "report.json", report)
-        return report
+        write_json(out_dir / "report.json", {"skipped": True, "reason": reason, "openvino": None})
+        return {}
     import openvino as ov
     from transformers import AutoTokenizer
 
@@ -114,6 +113,7 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path, measured: dic
     reference = reference_embeddings(src, batches, head)
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     thresholds = {"f32": cfg["parity"]["f32_min_sentence_cosine"], "bf16": cfg["parity"]["bf16_min_sentence_cosine"]}
+    measured = {}
     for precision, threshold in thresholds.items():
         if precision == "bf16" and "BF16" not in capabilities:
             log.info("OpenVINO IR at bf16: not checked, this CPU has no native bf16 (verify checks ov-bf16 where "
@@ -122,24 +122,21 @@ def run(cfg: dict, onnx_dir: Path, split_dir: Path, out_dir: Path, measured: dic
         worst = float(sentence_cosines(out_dir, batches, reference, head, precision).min())
         log.info("OpenVINO IR at %s: min sentence cosine vs onnxruntime %.7f (threshold %s)", precision, worst,
                  threshold)
-        if measured is not None:
-            measured.setdefault("min_sentence_cosine_vs_onnxruntime", {})[precision] = worst
+        measured.setdefault("min_sentence_cosine_vs_onnxruntime", {})[precision] = worst
         if worst < threshold:
             raise StageError(f"the OpenVINO IR at {precision}: min sentence cosine vs onnxruntime on {SOURCE} "
                              f"{worst:.6f} < {threshold} (openvino.parity.{precision}_min_sentence_cosine)")
     # the same on every CPU: which checks gate the stage, not what this CPU measured
-    report = {"skipped": False, "reason": None, "openvino": ov.__version__.split("-")[0], "source": SOURCE,
-              "files": list(IR_FILES), "min_sentence_cosine": thresholds}
-    write_json(out_dir / "report.json", report)
-    return report
+    write_json(out_dir / "report.json", {"skipped": False, "reason": None, "openvino": ov.__version__.split("-")[0],
+                                         "source": SOURCE, "files": list(IR_FILES), "min_sentence_cosine": thresholds})
+    return measured
 
 
 def main() -> None:
     def body(args):
         _, params, art = load_model(args)
-        measured = {}
         with atomic_dir(art / "openvino") as tmp:
-            run(params["openvino"], art / "onnx", art / "split", tmp, measured)
+            measured = run(params["openvino"], art / "onnx", art / "split", tmp)
         write_measured(art, "convert_openvino", measured)
 
     stage_main(__doc__, body)
